@@ -1,0 +1,134 @@
+"""The public ops: check arguments once, then dispatch to the reference or the Triton kernel.
+
+The model and Kotara call only these functions; which implementation runs is decided by
+``moc_kernels.backend`` for the device of the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moc_kernels import backend, reference
+from moc_kernels.reference.fused_logit_nll import STRATEGIES, FusedNLL
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _implementation(op: str, device: torch.device, function: str | None = None):
+    """The function ``function`` (default: ``op``) of the reference or of ``moc_kernels.triton.<op>``."""
+    if backend.resolve(device) == "reference":
+        return getattr(reference, function or op)
+    return getattr(backend.kernel_module(op), function or op)
+
+
+def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """All E experts' SwiGLU on every token: x [N, D], w1/w3 [E, D, F], w2 [E, F, D] -> Y [N, E, D].
+
+    ``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]``; fp32|bf16|fp16, fp32 accumulation,
+    output in x's dtype. w1 and w3 may be views of one packed [E, D, 2F] tensor.
+    """
+    _require(x.dim() == 2, f"expert_swiglu: x must be [N, D], got shape {tuple(x.shape)}")
+    _require(
+        w1.dim() == 3 and w1.shape == w3.shape,
+        f"expert_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
+    )
+    num_experts, dim, hidden = w1.shape
+    _require(x.shape[1] == dim, f"expert_swiglu: x has D={x.shape[1]} but w1 expects D={dim}")
+    _require(
+        tuple(w2.shape) == (num_experts, hidden, dim),
+        f"expert_swiglu: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
+    )
+    _require(x.dtype in FLOAT_DTYPES, f"expert_swiglu: unsupported dtype {x.dtype}")
+    return _implementation("expert_swiglu", x.device)(x, w1, w3, w2)
+
+
+def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Selected experts' outputs: y [N, E, D], idx [N, k] int64 (distinct per row) -> [N, k, D].
+
+    The backward scatters the gradient back into dy (zeros for unselected experts).
+    """
+    _require(y.dim() == 3, f"topk_gather: y must be [N, E, D], got shape {tuple(y.shape)}")
+    _require(
+        idx.dim() == 2 and idx.shape[0] == y.shape[0],
+        f"topk_gather: idx must be [N, k] with N={y.shape[0]}, got {tuple(idx.shape)}",
+    )
+    _require(idx.dtype == torch.int64, f"topk_gather: idx must be int64, got {idx.dtype}")
+    _require(idx.shape[1] <= y.shape[1], f"topk_gather: k={idx.shape[1]} exceeds E={y.shape[1]}")
+    return _implementation("topk_gather", y.device)(y, idx)
+
+
+def small_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention among the L vectors of each token: q, k, v [N, L, H, dh] -> [N, L, H, dh].
+
+    Scale 1/sqrt(dh). With ``return_entropy`` also returns the entropy [N, H, L] fp32 (nats) of
+    every softmax row; it is differentiable (the MoC diversity loss trains through it).
+    """
+    _require(q.dim() == 4, f"small_attention: q must be [N, L, H, dh], got shape {tuple(q.shape)}")
+    _require(
+        q.shape == k.shape == v.shape,
+        f"small_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    _require(q.dtype in FLOAT_DTYPES, f"small_attention: unsupported dtype {q.dtype}")
+    return _implementation("small_attention", q.device)(q, k, v, return_entropy)
+
+
+def _check_fusion_args(logits, targets, strategies, temperatures, weights) -> None:
+    num_models = len(logits)
+    _require(num_models >= 2, f"fused_logit_nll: needs logits of at least 2 models, got {num_models}")
+    shape = tuple(logits[0].shape)
+    _require(len(shape) == 2, f"fused_logit_nll: logits must be [N, V], got shape {shape}")
+    for lg in logits:
+        _require(tuple(lg.shape) == shape, f"fused_logit_nll: logits shapes differ: {shape} vs {tuple(lg.shape)}")
+        _require(lg.device == logits[0].device, "fused_logit_nll: all logits must be on one device")
+    _require(
+        tuple(targets.shape) == shape[:1],
+        f"fused_logit_nll: targets must be [N={shape[0]}], got {tuple(targets.shape)}",
+    )
+    for strategy in strategies:
+        _require(
+            strategy in STRATEGIES,
+            f"fused_logit_nll: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}",
+        )
+    for name, values in (("temperatures", temperatures), ("weights", weights)):
+        if values is not None:
+            _require(len(values) == num_models, f"fused_logit_nll: {len(values)} {name} for {num_models} models")
+            _require(all(float(x) > 0 for x in values), f"fused_logit_nll: {name} must be > 0, got {list(values)}")
+
+
+def fused_logit_nll(
+    logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    strategy: str,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> FusedNLL:
+    """NLL of targets under the logit-level fusion of M >= 2 models (DESIGN §5).
+
+    logits: M tensors [N, V]; targets [N] int64 (-100 = ignored, nll 0); strategy one of
+    ``STRATEGIES``; temperatures: M floats (default 1); weights: PoE betas / fixed mixture weights
+    (default 1/M). Returns FusedNLL(nll [N], weights [M, N], entropy [M, N]), all fp32.
+    """
+    return fused_logit_nll_multi(logits, targets, [strategy], temperatures, weights)[strategy]
+
+
+def fused_logit_nll_multi(
+    logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    strategies: Sequence[str],
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> dict[str, FusedNLL]:
+    """``fused_logit_nll`` for several strategies from one pass over each model's logits."""
+    _check_fusion_args(logits, targets, strategies, temperatures, weights)
+    return _implementation("fused_logit_nll", logits[0].device, "fused_logit_nll_multi")(
+        logits, targets, list(strategies), temperatures, weights
+    )

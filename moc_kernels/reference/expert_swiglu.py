@@ -1,0 +1,18 @@
+"""All experts' SwiGLU on every token (DESIGN §2 step 1)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` for every token n and expert e.
+
+    x: [N, D]; w1, w3: [E, D, F]; w2: [E, F, D]; all fp32|bf16|fp16, math in fp32.
+    Returns Y: [N, E, D] in x's dtype, token-major (the layout the router attention reads).
+    """
+    math_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    xf = x.to(math_dtype)
+    gate = torch.einsum("nd,edf->nef", xf, w1.to(math_dtype))
+    up = torch.einsum("nd,edf->nef", xf, w3.to(math_dtype))
+    hidden = F.silu(gate) * up
+    return torch.einsum("nef,efd->ned", hidden, w2.to(math_dtype)).to(x.dtype)
