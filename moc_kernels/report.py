@@ -1,0 +1,148 @@
+"""Offline compile evidence: every shipped kernel configuration compiled for sm_80 and sm_90.
+
+    python -m moc_kernels.report [--json] [--ops expert_swiglu,...] [--arch 80,90]
+
+No GPU is needed: ``triton.compile`` targets a ``GPUTarget`` directly, and the ``cuobjdump``
+bundled in Triton's package reads the resulting cubin. For each kernel x config x arch it reports
+registers per thread, spilled bytes (stack + local), shared memory (bytes of dynamic shared memory
+the launch requests), and whether the matrix products lowered to tensor-core instructions
+(``wgmma``: HGMMA in the SASS on sm_90a; ``mma``: HMMA on sm_80).
+
+Must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll")
+ARCHS = (80, 90)
+# Largest dynamic shared memory one block may use (opt-in), per compute capability.
+SHARED_LIMIT_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+COLUMNS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "tensor_cores")
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, str]:
+    """(registers, spilled bytes, SASS text) of a single-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), sass
+
+
+def compile_row(spec, cc: int) -> dict:
+    """Compile one KernelSpec for compute capability ``cc`` and read its resource use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+    registers, spill_bytes, sass = _cubin_facts(kernel.asm["cubin"])
+    if re.search(r"\bHGMMA\b", sass):
+        tensor_cores = "wgmma"
+    elif re.search(r"\bHMMA\b", sass):
+        tensor_cores = "mma"
+    else:
+        tensor_cores = None
+    return {
+        "kernel": spec.kernel,
+        "config": spec.config,
+        "arch": f"sm_{cc}",
+        "registers": registers,
+        "spill_bytes": spill_bytes,
+        "shared_bytes": int(kernel.metadata.shared),
+        "tensor_cores": tensor_cores,
+        "matmul": spec.matmul,
+    }
+
+
+def kernel_specs(ops=OPS) -> list:
+    """(op, KernelSpec) for every shipped config of the kernel modules that exist (no interpreter)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("the compile report needs the real Triton compiler: unset TRITON_INTERPRET")
+    specs = []
+    for op in ops:
+        try:
+            module = importlib.import_module(f"moc_kernels.triton.{op}")
+        except ModuleNotFoundError as err:
+            if err.name != f"moc_kernels.triton.{op}":
+                raise
+            continue
+        specs.extend((op, spec) for spec in module.compile_specs())
+    return specs
+
+
+def collect(ops=OPS, archs=ARCHS) -> list[dict]:
+    return [{"op": op, **compile_row(spec, cc)} for op, spec in kernel_specs(ops) for cc in archs]
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """What a shipped config must not do: spill, overflow shared memory, miss wgmma for a GEMM on sm_90."""
+    found = []
+    for r in rows:
+        name = f"{r['kernel']} [{r['config']}] {r['arch']}"
+        cc = int(r["arch"].removeprefix("sm_"))
+        if r["spill_bytes"]:
+            found.append(f"{name}: spills {r['spill_bytes']} bytes")
+        if r["shared_bytes"] > SHARED_LIMIT_BYTES[cc]:
+            found.append(f"{name}: {r['shared_bytes']} B shared memory > {SHARED_LIMIT_BYTES[cc]} B")
+        if r["matmul"] and cc == 90 and r["tensor_cores"] != "wgmma":
+            found.append(f"{name}: matrix products did not lower to wgmma")
+    return found
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moc_kernels.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
+    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
+    args = parser.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    archs = [int(a) for a in args.arch.split(",") if a.strip().isdigit()]
+    if unknown or not archs or set(archs) - set(ARCHS):
+        print(f"error: --ops must name {', '.join(OPS)} and --arch 80 and/or 90", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("error: unset TRITON_INTERPRET: the report compiles for real GPUs", file=sys.stderr)
+        return 2
+    rows = collect(ops, archs)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        issues = problems(rows)
+        print(f"\n{len(rows)} compiled; " + ("all clean" if not issues else "problems:\n  " + "\n  ".join(issues)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

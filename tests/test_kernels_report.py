@@ -1,0 +1,100 @@
+"""The offline compile report: every shipped config compiles for sm_80/sm_90 without spills.
+
+Runs in subprocesses: the report needs the real Triton compiler, while the kernel tests in this
+process switch Triton to its interpreter.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from moc_kernels.report import OPS, SHARED_LIMIT_BYTES, problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_report_reads_registers_and_tensor_cores_of_a_known_gemm(tmp_path):
+    # A 64x64x32 bf16 tile GEMM: tl.dot must become HMMA on sm_80 and HGMMA (wgmma) on sm_90.
+    code = textwrap.dedent(
+        """
+        import json, triton, triton.language as tl
+        from moc_kernels.report import compile_row
+        from moc_kernels.triton.compile_spec import KernelSpec
+
+        @triton.jit
+        def tile_gemm(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+            rm, rn, rk = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+            acc = tl.dot(tl.load(a + rm[:, None] * BK + rk[None, :]), tl.load(b + rk[:, None] * BN + rn[None, :]))
+            tl.store(c + rm[:, None] * BN + rn[None, :], acc)
+
+        @triton.jit
+        def copy(x, y, BLOCK: tl.constexpr):
+            o = tl.arange(0, BLOCK)
+            tl.store(y + o, tl.load(x + o))
+
+        gemm = KernelSpec("tile_gemm", "64x64x32", tile_gemm, {"a": "*bf16", "b": "*bf16", "c": "*fp32",
+                          "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
+                          {"BM": 64, "BN": 64, "BK": 32}, num_warps=4, matmul=True)
+        plain = KernelSpec("copy", "1024", copy, {"x": "*fp32", "y": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+        print(json.dumps([compile_row(s, cc) for s in (gemm, plain) for cc in (80, 90)]))
+        """
+    )
+    script = tmp_path / "known_kernels.py"  # @triton.jit needs its source in a file
+    script.write_text(code)
+    proc = run_python([str(script)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["kernel"], r["arch"]): r for r in json.loads(proc.stdout)}
+    assert rows["tile_gemm", "sm_80"]["tensor_cores"] == "mma"
+    assert rows["tile_gemm", "sm_90"]["tensor_cores"] == "wgmma"
+    assert rows["copy", "sm_90"]["tensor_cores"] is None
+    for row in rows.values():
+        assert 0 < row["registers"] <= 255 and row["spill_bytes"] == 0
+
+
+def test_problems_flags_spills_shared_overflow_and_missing_wgmma():
+    good = dict(kernel="k", config="c", arch="sm_90", registers=128, spill_bytes=0, shared_bytes=1024)
+    assert problems([{**good, "tensor_cores": "wgmma", "matmul": True}]) == []
+    assert problems([{**good, "tensor_cores": None, "matmul": False}]) == []
+    found = problems(
+        [
+            {**good, "tensor_cores": "wgmma", "matmul": True, "spill_bytes": 264},
+            {**good, "tensor_cores": "mma", "matmul": True},
+            {
+                **good,
+                "tensor_cores": None,
+                "matmul": False,
+                "arch": "sm_80",
+                "shared_bytes": SHARED_LIMIT_BYTES[80] + 1,
+            },
+        ]
+    )
+    assert len(found) == 3
+    assert "spills 264" in found[0] and "wgmma" in found[1] and "shared memory" in found[2]
+
+
+@pytest.mark.slow
+def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
+    proc = run_python(["-m", "moc_kernels.report", "--json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    for op in OPS:
+        assert (ROOT / f"moc_kernels/triton/{op}.py").exists(), f"no Triton module for {op}"
+        assert any(r["op"] == op for r in rows), f"{op}: no shipped config in the report"
+    archs = {r["arch"] for r in rows}
+    assert archs == {"sm_80", "sm_90"}
+    assert {(r["kernel"], r["config"]) for r in rows if r["arch"] == "sm_80"} == {
+        (r["kernel"], r["config"]) for r in rows if r["arch"] == "sm_90"
+    }
+    assert problems(rows) == []
+    assert any(r["matmul"] for r in rows), "no GEMM-shaped kernel declared"
