@@ -1,0 +1,166 @@
+"""The console table and the ``--save_metrics`` JSON.
+
+The JSON keeps the original tool's keys (``baseline_ppl_a``, ``baseline_ppl_b``, ``fused_ppl``,
+``strategy``, ``temps``, ``poe_betas``, ``weights``, ``config``) with their original shapes for a
+single strategy, and adds ``tokens``, ``bytes``, ``bits_per_byte``, ``models``, ``strategies``,
+``similarity``, ``throughput`` and ``prefix_token``. With ``--strategy all`` ``fused_ppl`` and
+``weights`` map each strategy to its value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+from kotara.evaluate import EvalResult, FusionSpec
+
+
+def _finite(x: float) -> float | None:
+    # JSON has no NaN/inf; null says "undefined" (e.g. correlation of a constant).
+    return x if math.isfinite(x) else None
+
+
+def build_metrics(
+    result: EvalResult,
+    spec: FusionSpec,
+    strategy_arg: str,
+    model_paths: list[str],
+    config: dict[str, Any],
+    prefix: str,
+    prefix_id: int | None,
+) -> dict[str, Any]:
+    """The metrics dictionary written by ``--save_metrics`` (see the module docstring for its keys)."""
+    names = result.model_names
+    metrics: dict[str, Any] = {}
+    for name, nll in zip(names, result.model_nll):
+        metrics[f"baseline_ppl_{name}"] = result.ppl(nll)
+    fused_ppl = {s: result.ppl(result.strategy_nll[s]) for s in result.strategies}
+    mean_weights = {
+        s: {f"w_{name}_mean": w for name, w in zip(names, result.strategy_mean_weights[s])} for s in result.strategies
+    }
+    single = strategy_arg != "all"
+    metrics["fused_ppl"] = fused_ppl[strategy_arg] if single else fused_ppl
+    metrics["strategy"] = strategy_arg
+    metrics["temps"] = dict(zip(names, spec.temperatures))
+    metrics["poe_betas"] = dict(zip(names, spec.poe_betas))
+    metrics["weights"] = mean_weights[strategy_arg] if single else mean_weights
+    metrics["config"] = config
+    metrics["tokens"] = result.tokens
+    metrics["bytes"] = result.num_bytes
+    metrics["bits_per_byte"] = {name: result.bits_per_byte(nll) for name, nll in zip(names, result.model_nll)} | {
+        s: result.bits_per_byte(result.strategy_nll[s]) for s in result.strategies
+    }
+    metrics["models"] = [
+        {
+            "name": name,
+            "path": path,
+            "tokens": result.tokens,
+            "nll": nll,
+            "nll_per_token": nll / result.tokens,
+            "ppl": result.ppl(nll),
+            "bits_per_byte": result.bits_per_byte(nll),
+            "temperature": spec.temperatures[i],
+            "weight": spec.weights[i],
+            "poe_beta": spec.poe_betas[i],
+        }
+        for i, (name, path, nll) in enumerate(zip(names, model_paths, result.model_nll))
+    ]
+    best_single = min(result.model_nll)
+    metrics["strategies"] = {
+        s: {
+            "tokens": result.tokens,
+            "nll": result.strategy_nll[s],
+            "nll_per_token": result.strategy_nll[s] / result.tokens,
+            "ppl": fused_ppl[s],
+            "bits_per_byte": result.bits_per_byte(result.strategy_nll[s]),
+            "gain_vs_best_model_nats_per_token": (best_single - result.strategy_nll[s]) / result.tokens,
+            "mean_weights": mean_weights[s],
+        }
+        for s in result.strategies
+    }
+    metrics["similarity"] = {
+        "pairs": [
+            {
+                "models": [names[i], names[j]],
+                "top1_agreement": result.top1_agreement[k],
+                "mean_js_divergence_nats": result.mean_jsd[k],
+                "nll_pearson": _finite(result.nll_pearson[k]),
+            }
+            for k, (i, j) in enumerate(result.pairs)
+        ],
+        "mean_weights": mean_weights,
+        "note": "model distributions at temperature 1; JS divergence in nats (max ln 2)",
+    }
+    metrics["throughput"] = {
+        "tokens_per_s": result.tokens_per_s,
+        "elapsed_s": result.elapsed_s,
+        "forward_s": result.forward_s,
+        "fusion_and_baselines_s": result.fusion_s,
+        "world_size": result.world_size,
+    }
+    metrics["prefix_token"] = {"kind": prefix, "id": prefix_id, "scored": False}
+    return metrics
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".kotara-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -> str:
+    """The console report: one row per model and per strategy, then similarity and throughput."""
+    names = result.model_names
+    weight_cols = [f"w_{n}" for n in names]
+    header = f"{'':<22}{'PPL':>12}{'NLL/token':>12}{'bits/byte':>11}  " + "".join(f"{c:>8}" for c in weight_cols)
+    rule = "=" * len(header)
+    lines = [
+        rule,
+        f"Kotara  ·  {result.tokens} tokens scored, {result.num_bytes} bytes",
+        rule,
+        header,
+        "-" * len(header),
+    ]
+    for i, (name, nll) in enumerate(zip(names, result.model_nll)):
+        label = f"model {name} (T={spec.temperatures[i]:g})"
+        lines.append(
+            f"{label:<22}{result.ppl(nll):>12.4f}{nll / result.tokens:>12.4f}{result.bits_per_byte(nll):>11.4f}"
+        )
+    best = min(result.model_nll)
+    for s in result.strategies:
+        nll = result.strategy_nll[s]
+        mark = " *" if nll < best else ""
+        weights = "".join(f"{w:>8.3f}" for w in result.strategy_mean_weights[s])
+        lines.append(
+            f"{'fused ' + s:<22}{result.ppl(nll):>12.4f}{nll / result.tokens:>12.4f}"
+            f"{result.bits_per_byte(nll):>11.4f}  {weights}{mark}"
+        )
+    lines.append("-" * len(header))
+    lines.append("* fused beats every single model.  w_x: mean weight model x received.")
+    for k, (i, j) in enumerate(result.pairs):
+        corr = result.nll_pearson[k]
+        lines.append(
+            f"similarity {names[i]}~{names[j]}: top-1 agreement {result.top1_agreement[k]:.3f} · "
+            f"mean JS divergence {result.mean_jsd[k]:.4f} nats · NLL correlation "
+            + (f"{corr:.3f}" if math.isfinite(corr) else "n/a")
+        )
+    for name, path in zip(names, model_paths):
+        lines.append(f"model {name}: {path}")
+    lines.append(
+        f"throughput: {result.tokens_per_s:,.1f} tokens/s ({result.elapsed_s:.2f} s; "
+        f"forwards {result.forward_s:.2f} s, fusion + baselines {result.fusion_s:.2f} s; "
+        f"{result.world_size} process(es))"
+    )
+    lines.append(rule)
+    return "\n".join(lines)

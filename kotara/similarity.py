@@ -1,0 +1,74 @@
+"""Per-model baselines and how similar the models are, accumulated as sums over tokens.
+
+The research question behind Kotara is that fusion helps when models are similar but not
+identical, so next to each model's NLL we measure, for every pair of models (i, j):
+  top-1 agreement      fraction of tokens where argmax p_i == argmax p_j
+  Jensen-Shannon div.  mean over tokens of JS(p_i, p_j) in nats (0 = identical, ln 2 = disjoint)
+  NLL correlation      Pearson correlation of the two models' per-token NLL
+All on the models' own distributions (temperature 1): similarity is a property of the models,
+not of a fusion setting. Everything is kept as sums (and sums of squares/products for Pearson)
+so that windows, batches and ranks combine by addition.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def model_pairs(num_models: int) -> list[tuple[int, int]]:
+    """All pairs (i, j), i < j, in a fixed order."""
+    return list(combinations(range(num_models), 2))
+
+
+def _chunk_rows(vocab_size: int, device: torch.device) -> int:
+    # Bounded temporaries: ~4 MiB of fp32 per [rows, V] tensor on CPU (cache), ~1 GiB on GPUs.
+    budget = 1 << (20 if device.type == "cpu" else 28)
+    return max(1, budget // max(vocab_size, 1))
+
+
+@torch.no_grad()
+def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token statistics of M models' scored rows.
+
+    logits: M tensors [n, V] (any float dtype, one device); targets: [n] int64.
+    Returns fp32 tensors: ``nll`` [M, n] (fp32 log-softmax cross-entropy), ``agree`` [P, n]
+    (1.0 where the pair's argmax agree), ``jsd`` [P, n] (nats), with P = M(M-1)/2 pairs in
+    ``model_pairs`` order.
+    """
+    num_models, (num_rows, vocab_size) = len(logits), logits[0].shape
+    pairs = model_pairs(num_models)
+    device = logits[0].device
+    nll = torch.empty(num_models, num_rows, dtype=torch.float32, device=device)
+    agree = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
+    jsd = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
+    step = _chunk_rows(vocab_size, device)
+    for start in range(0, num_rows, step):
+        rows = slice(start, min(start + step, num_rows))
+        log_probs = [torch.log_softmax(lg[rows].float(), dim=-1) for lg in logits]
+        target = targets[rows, None]
+        for i, lp in enumerate(log_probs):
+            nll[i, rows] = -lp.gather(1, target).squeeze(1)
+        top1 = [lp.argmax(-1) for lp in log_probs]
+        for k, (i, j) in enumerate(pairs):
+            agree[k, rows] = (top1[i] == top1[j]).float()
+            # JS = 1/2 KL(p_i || m) + 1/2 KL(p_j || m), m = (p_i + p_j)/2, log m by logaddexp (no underflow).
+            log_mid = torch.logaddexp(log_probs[i], log_probs[j]) - LN2
+            kl_i = (log_probs[i].exp() * (log_probs[i] - log_mid)).sum(-1)
+            kl_j = (log_probs[j].exp() * (log_probs[j] - log_mid)).sum(-1)
+            jsd[k, rows] = (0.5 * (kl_i + kl_j)).clamp_min(0.0)
+    return {"nll": nll, "agree": agree, "jsd": jsd}
+
+
+def pearson_from_sums(n: float, sum_x: float, sum_y: float, sum_xx: float, sum_yy: float, sum_xy: float) -> float:
+    """Pearson correlation from running sums (fp64); NaN when either variable is constant."""
+    cov = sum_xy - sum_x * sum_y / n
+    var_x = sum_xx - sum_x * sum_x / n
+    var_y = sum_yy - sum_y * sum_y / n
+    if var_x <= 0 or var_y <= 0:
+        return float("nan")
+    return cov / math.sqrt(var_x * var_y)
