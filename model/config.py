@@ -1,0 +1,139 @@
+"""The model's configuration: one dataclass, the keys of the YAML ``model:`` section (DESIGN §2, §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# The moc_kernels backends, spelled out here so that this module (which is also copied into the
+# exported Hugging Face modeling file) imports nothing from the project. tests/test_model_config.py
+# checks it equals moc_kernels.BACKENDS.
+KERNEL_BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass
+class ModelConfig:
+    """LunarisCodex-MoC hyper-parameters.
+
+    ``n_experts`` 0 or None gives the dense SwiGLU baseline; otherwise every FFN is a Mixture of
+    Collaborative Experts layer with ``n_experts`` experts, ``top_k`` of them combined per token.
+    """
+
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None -> n_heads (plain multi-head attention)
+    vocab_size: int = 50257
+    multiple_of: int = 256
+    ffn_hidden_multiplier: float = 4.0
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    n_experts: int | None = 8  # 0 or None -> dense SwiGLU FFN baseline
+    top_k: int = 2
+    aux_loss_weight: float = 0.01
+    router_temperature: float = 1.0
+    moc_heads: int | None = None  # heads of the router and collab attentions; None -> n_heads
+    balance_coef: float = 1.0
+    diversity_coef: float = 1.0
+    kernels: str = "auto"  # moc_kernels backend for this model's forward: auto | triton | reference
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build and validate a config from a mapping (a YAML ``model:`` section).
+
+        Raises ValueError for an unknown key (with a did-you-mean) or an impossible value.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"model config must be a mapping of keys to values, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(known)}"
+                raise ValueError(f"unknown model key {key!r}{hint}")
+        config = cls(**d)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (round-trips through ``from_dict``)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def is_moc(self) -> bool:
+        """True when the FFNs are MoC layers, False for the dense SwiGLU baseline."""
+        return bool(self.n_experts)
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (``n_kv_heads`` or ``n_heads``)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def collab_heads(self) -> int:
+        """Heads of the MoC router and collab attentions (``moc_heads`` or ``n_heads``)."""
+        return self.moc_heads if self.moc_heads is not None else self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """F = multiple_of * ceil((2/3 * ffn_hidden_multiplier * d_model) / multiple_of) (DESIGN §2)."""
+        return self.multiple_of * math.ceil((2 / 3 * self.ffn_hidden_multiplier * self.d_model) / self.multiple_of)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible value and what would be valid."""
+
+        def need_int(name: str, minimum: int, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"model key {name!r} must be an integer, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"model key {name!r} must be >= {minimum}, got {value}")
+
+        def need_float(name: str, positive: bool) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"model key {name!r} must be a finite number, got {value!r}")
+            if positive and value <= 0:
+                raise ValueError(f"model key {name!r} must be > 0, got {value}")
+            if not positive and value < 0:
+                raise ValueError(f"model key {name!r} must be >= 0, got {value}")
+
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            need_int(name, 1)
+        need_int("n_kv_heads", 1, allow_none=True)
+        need_int("moc_heads", 1, allow_none=True)
+        need_int("n_experts", 0, allow_none=True)
+        need_int("top_k", 1)
+        for name in ("ffn_hidden_multiplier", "rope_theta", "router_temperature"):
+            need_float(name, positive=True)
+        for name in ("dropout", "aux_loss_weight", "balance_coef", "diversity_coef"):
+            need_float(name, positive=False)
+
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings "
+                f"(d_model={self.d_model}, n_heads={self.n_heads})"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
+        if not self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"model key 'kernels' must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}")
+        if self.is_moc:
+            if self.top_k > self.n_experts:
+                raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
+            if self.d_model % self.collab_heads:
+                raise ValueError(f"d_model={self.d_model} must be divisible by moc_heads={self.collab_heads}")

@@ -1,0 +1,120 @@
+"""The Mixture of Collaborative Experts layer (DESIGN §2), on the public ``moc_kernels`` ops only.
+
+Every expert runs on every token (``expert_swiglu``), so there is no Python loop over experts and no
+token dispatch: the layer costs about E dense FFNs, in exchange for a router that sees every
+expert's answer before it chooses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import moc_kernels as mk
+from model.config import ModelConfig
+from model.layers import RMSNorm
+
+
+class MoCOutput(NamedTuple):
+    out: torch.Tensor  # [B, T, D], x's dtype
+    balance_loss: torch.Tensor  # scalar fp32, L_bal (1 when perfectly balanced)
+    diversity_loss: torch.Tensor  # scalar fp32, L_div in [-1, 0] (0 for k = 1)
+    expert_load: torch.Tensor  # [E] fp32, f_e: fraction of the N*k assignments that chose e (detached)
+    router_entropy: torch.Tensor  # scalar fp32, mean entropy (nats) of p = softmax(r) (detached)
+    collab_entropy: torch.Tensor  # scalar fp32, mean entropy (nats) of the collab attention rows (detached)
+
+
+class SmallMHA(nn.Module):
+    """Multi-head self-attention among the L vectors of each token (its own q/k/v/o projections)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, L, D] -> (out [N, L, D] in x's dtype, entropy [N, H, L] fp32 of each softmax row)."""
+        n, length, dim = x.shape
+        shape = (n, length, self.heads, dim // self.heads)
+        q, k, v = (proj(x).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        context, entropy = mk.small_attention(q, k, v, return_entropy=True)
+        return self.o_proj(context.reshape(n, length, dim)), entropy
+
+
+class CollaborativeExpertsModule(nn.Module):
+    """MoC FFN: all experts -> contextualised router -> top-k -> collaborative fusion -> combine.
+
+    Parameters: ``w13`` [E, D, 2F] packs the gate (w1 = w13[..., :F]) and up (w3 = w13[..., F:])
+    projections so one tensor feeds both (the kernel takes the two views), ``w2`` [E, F, D].
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, hidden, experts = config.d_model, config.ffn_hidden, config.n_experts
+        self.num_experts, self.top_k, self.hidden = experts, config.top_k, hidden
+        self.temperature = config.router_temperature
+        self.w13 = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.router_attn = SmallMHA(dim, config.collab_heads)
+        self.router_norm = RMSNorm(dim)
+        self.gate = nn.Linear(dim, experts, bias=True)
+        self.collab_attn = SmallMHA(dim, config.collab_heads)
+        self.collab_norm = RMSNorm(dim)
+        self.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> MoCOutput:
+        """x: [B, T, D] fp32|bf16|fp16 -> MoCOutput (losses and stats fp32)."""
+        batch, seq, dim = x.shape
+        tokens = x.reshape(batch * seq, dim)
+        num_tokens, k = tokens.shape[0], self.top_k
+
+        # 1. every expert on every token: [N, E, D]
+        expert_outputs = mk.expert_swiglu(tokens, self.w13[..., : self.hidden], self.w13[..., self.hidden :], self.w2)
+
+        # 2. router contextualised by attention among the E expert outputs of each token
+        router_context, _ = self.router_attn(expert_outputs)
+        summary = self.router_norm(router_context + expert_outputs).mean(dim=1)  # [N, D]
+        route_logits = self.gate(summary).float() / self.temperature  # [N, E] fp32: softmax/top-k precision
+
+        # 3. top-k; w renormalises over the chosen k, p (all E) feeds the balance loss
+        top_logits, top_idx = route_logits.topk(k, dim=-1)
+        top_weights = torch.softmax(top_logits, dim=-1)  # [N, k]
+        log_probs = torch.log_softmax(route_logits, dim=-1)
+        probs = log_probs.exp()
+
+        # 4-5. the k chosen raw outputs attend to each other, then refine
+        selected = mk.topk_gather(expert_outputs, top_idx)  # [N, k, D]
+        collab_context, collab_entropy = self.collab_attn(selected)  # entropy [N, H, k]
+        refined = self.collab_norm(collab_context + selected)
+        refined = refined + self.collab_ffn(refined)
+
+        # 6. weighted combination of the k refined outputs, then the output projection
+        combined = (top_weights.unsqueeze(-1) * refined.float()).sum(dim=1).to(x.dtype)
+        out = self.out_proj(combined).view(batch, seq, dim)
+
+        # 7. balance loss E * sum_e f_e P_e; f_e by scatter_add (no host sync, unlike bincount)
+        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.float32)
+        counts.scatter_add_(0, top_idx.reshape(-1), torch.ones(num_tokens * k, device=x.device))
+        expert_load = counts / (num_tokens * k)
+        balance_loss = self.num_experts * (expert_load * probs.mean(dim=0)).sum()
+        collab_entropy = collab_entropy.float()
+        if k > 1:
+            diversity_loss = -collab_entropy.mean() / math.log(k)
+        else:  # one collaborator: the attention row is [1], its entropy 0, and log k = 0
+            diversity_loss = collab_entropy.sum() * 0.0
+        router_entropy = -(probs * log_probs).sum(dim=-1).mean()
+        return MoCOutput(
+            out,
+            balance_loss,
+            diversity_loss,
+            expert_load.detach(),
+            router_entropy.detach(),
+            collab_entropy.mean().detach(),
+        )
