@@ -224,13 +224,15 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; Kotara shows its own
         tokenizer_path = args.tokenizer or paths[0]
         tokenizer = loading.load_tokenizer(tokenizer_path, args.trust_remote_code)
         text = loading.tokenize_file(tokenizer, args.dataset_path, args.prefix_token, args.chunk_bytes)
-        models = []
-        for i, path in enumerate(paths):
+        for path in paths:  # before any model is loaded: a vocabulary mismatch is cheap to find
             if path != tokenizer_path:
                 loading.check_same_tokenizer(tokenizer, path, args.trust_remote_code)
+        models = []
+        for i, path in enumerate(paths):
             models.append(
                 loading.load_model(path, loading.model_label(i), devices[i], dtypes[i], args.trust_remote_code)
             )
