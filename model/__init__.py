@@ -1,6 +1,16 @@
-"""LunarisCodex-MoC: a Llama-style LM with Mixture of Collaborative Experts FFNs (DESIGN §2)."""
+"""LunarisCodex-MoC: a Llama-style LM with Mixture of Collaborative Experts FFNs (DESIGN §2).
+
+Importing the package registers the ``lunaris_moc`` model type with transformers' AutoConfig and
+AutoModelForCausalLM, so exported directories load with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from model.config import ModelConfig
+from model.hf import MODEL_TYPE, LunarisConfig, LunarisForCausalLM, export_hf
 from model.lm import LMOutput, LunarisLM
 
-__all__ = ["LMOutput", "LunarisLM", "ModelConfig"]
+AutoConfig.register(MODEL_TYPE, LunarisConfig, exist_ok=True)
+AutoModelForCausalLM.register(LunarisConfig, LunarisForCausalLM, exist_ok=True)
+
+__all__ = ["LMOutput", "LunarisConfig", "LunarisForCausalLM", "LunarisLM", "ModelConfig", "export_hf"]
