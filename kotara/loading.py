@@ -115,9 +115,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_model_path(path, "tokenizer")
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except OSError as err:
+        try:
+            return AutoTokenizer.from_pretrained(path, **kwargs)
+        except (ValueError, KeyError):
+            # The directory's config may name a model type only the project's `model` package registers.
+            _register_project_models()
+            return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from None
 
 
@@ -181,6 +187,13 @@ def _register_project_models() -> None:
             return
 
 
+def _dtype_kwarg() -> str:
+    # transformers 5 renamed from_pretrained's torch_dtype to dtype; pyproject allows >= 4.46.
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
 def load_model(
     path: str, name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> LoadedModel:
@@ -188,7 +201,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, f"model {name}")
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    kwargs[_dtype_kwarg()] = dtype
     try:
         module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (ValueError, KeyError):
@@ -201,6 +215,8 @@ def load_model(
     except OSError as err:
         raise ValueError(f"cannot load model {name} from {path!r}: {str(err).splitlines()[0]}") from None
     module = module.to(device).eval()
+    if hasattr(module.config, "use_cache"):
+        module.config.use_cache = False  # scoring never generates: no KV cache to allocate per forward
     columns = module.get_output_embeddings().weight.shape[0] if module.get_output_embeddings() is not None else None
     if columns is None:
         columns = int(module.config.vocab_size)

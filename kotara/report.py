@@ -119,11 +119,15 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
         raise
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.4f}" if x < 1e6 else f"{x:.4e}"
+
+
 def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -> str:
     """The console report: one row per model and per strategy, then similarity and throughput."""
     names = result.model_names
     weight_cols = [f"w_{n}" for n in names]
-    header = f"{'':<22}{'PPL':>12}{'NLL/token':>12}{'bits/byte':>11}  " + "".join(f"{c:>8}" for c in weight_cols)
+    header = f"{'':<24}{'PPL':>14}{'NLL/token':>12}{'bits/byte':>11}  " + "".join(f"{c:>8}" for c in weight_cols)
     rule = "=" * len(header)
     lines = [
         rule,
@@ -135,7 +139,7 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
     for i, (name, nll) in enumerate(zip(names, result.model_nll)):
         label = f"model {name} (T={spec.temperatures[i]:g})"
         lines.append(
-            f"{label:<22}{result.ppl(nll):>12.4f}{nll / result.tokens:>12.4f}{result.bits_per_byte(nll):>11.4f}"
+            f"{label:<24}{_ppl(result.ppl(nll)):>14}{nll / result.tokens:>12.4f}{result.bits_per_byte(nll):>11.4f}"
         )
     best = min(result.model_nll)
     for s in result.strategies:
@@ -143,7 +147,7 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
         mark = " *" if nll < best else ""
         weights = "".join(f"{w:>8.3f}" for w in result.strategy_mean_weights[s])
         lines.append(
-            f"{'fused ' + s:<22}{result.ppl(nll):>12.4f}{nll / result.tokens:>12.4f}"
+            f"{'fused ' + s:<24}{_ppl(result.ppl(nll)):>14}{nll / result.tokens:>12.4f}"
             f"{result.bits_per_byte(nll):>11.4f}  {weights}{mark}"
         )
     lines.append("-" * len(header))

@@ -1,0 +1,110 @@
+"""``python -m kotara.demo OUT_DIR``: two random GPT-2 models, a shared tokenizer and a text, built offline.
+
+For trying the CLI and measuring throughput without any download: the models are random (their
+perplexities mean nothing), but their shapes (default: GPT-2 small, V = 50257) make the forward
+and fusion costs realistic. The tests build their tiny models with the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def write_corpus(path: Path, words: list[str], num_words: int, seed: int = 0, line_words: int = 12) -> Path:
+    """A deterministic text of ``num_words`` words drawn with Zipf-like frequencies, ~``line_words`` per line."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    drawn = rng.choices(words, weights, k=num_words)
+    lines = [" ".join(drawn[i : i + line_words]) for i in range(0, num_words, line_words)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tokenizer(directory: Path, words: list[str]) -> Path:
+    """A whitespace WordLevel tokenizer over ``words`` plus <pad> <s> </s> <unk>, saved as a HF directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *sorted(set(words) - set(SPECIAL_TOKENS))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_gpt2(
+    directory: Path,
+    tokenizer_dir: Path,
+    seed: int,
+    extra_columns: int = 0,
+    n_positions: int = 64,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
+    lm_head_std: float | None = 0.5,
+) -> Path:
+    """A random GPT-2 for the tokenizer in ``tokenizer_dir``, saved (with that tokenizer) to ``directory``.
+
+    ``extra_columns`` pads the output layer past the tokenizer, as real checkpoints pad to a multiple
+    of 64/128 columns. ``lm_head_std`` re-draws the (tied) embedding sharper than GPT-2's default
+    init so that two seeds disagree measurably; None keeps the default init.
+    """
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer) + extra_columns,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    if lm_head_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, lm_head_std)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kotara.demo", description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", type=Path, help="directory to create (text.txt, tokenizer/, model_a/, model_b/)")
+    p.add_argument("--vocab", type=int, default=50257, help="tokenizer size incl. 4 special tokens (default 50257)")
+    p.add_argument("--words", type=int, default=8192, help="words of text (= tokens, word-level tokenizer)")
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_positions", type=int, default=1024)
+    args = p.parse_args(argv)
+    if args.vocab <= len(SPECIAL_TOKENS):
+        p.error(f"--vocab must be > {len(SPECIAL_TOKENS)}, got {args.vocab}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(args.vocab - len(SPECIAL_TOKENS))]
+    text = write_corpus(args.out_dir / "text.txt", words, args.words)
+    tokenizer_dir = build_tokenizer(args.out_dir / "tokenizer", words)
+    shape = dict(n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head)
+    for name, seed in (("model_a", 1), ("model_b", 2)):
+        build_gpt2(args.out_dir / name, tokenizer_dir, seed, lm_head_std=None, **shape)
+    print(
+        f"built {args.out_dir}: try\n  python kotara.py --model_a {args.out_dir / 'model_a'} "
+        f"--model_b {args.out_dir / 'model_b'} --dataset_path {text} --strategy all --max_length 1024 --stride 1024"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
