@@ -1,0 +1,408 @@
+"""Triton ``fused_logit_nll``: the NLL of M models' logit-level fusion, never writing a fused [N, V] row.
+
+Same semantics as ``moc_kernels.reference.fused_logit_nll`` (its docstring is the spec: strategies,
+non-finite rules, IGNORE_INDEX targets). Two passes over the vocabulary, one program per row:
+
+  pass 1 ``_model_stats_kernel`` (once per model): an online sweep over V in tiles keeps the running
+    maximum m, s = sum exp(z - m), u = sum exp(z - m) (z - m) and the second-largest z, with
+    z = logits / T; it also reads the target's logit. Out: lse, entropy, top1-top2 probability gap
+    and z[target] per model and row ([M, N] fp32 each).
+  weights (torch, [M, N], tiny): ``strategy_weights`` of the reference, from those statistics.
+    The linear pools (mixture*) are finished here: log q[t] = logsumexp_i(log a_i + z_i[t] - lse_i).
+  pass 2 ``_fused_lse_kernel`` (log-linear pools only): the log-sum-exp over V of
+    f = sum_i (a_i / T_i) logits_i for every requested log-linear strategy at once, reading the M
+    models' tiles together (M <= 8 pointers as separate arguments, unrolled with a constexpr M).
+    nll = lse(f) - f[t], and f[t] = sum_i a_i z_i[t] comes from pass 1.
+
+Bytes moved: each model's logits are read twice (once if only mixtures are asked for); everything
+else is O(M N). Row offsets are int64 (N V may exceed 2^31). Logits may be fp32, bf16 or fp16 and
+row-strided (the last dimension must be contiguous; otherwise it is copied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from moc_kernels.reference.fused_logit_nll import (
+    IGNORE_INDEX,
+    LINEAR_POOLS,
+    STRATEGIES,
+    FusedNLL,
+    strategy_weights,
+)
+from moc_kernels.triton.compile_spec import KernelSpec
+
+MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
+FLT_MAX = 3.4028234663852886e38
+
+# Launch configurations, the one place they live (launchers and compile_specs() read this table).
+# Both kernels stream V in BLOCK_V tiles and are memory-bound, so a tile only has to be large
+# enough to keep enough loads in flight; pass 2 holds S_PAD x BLOCK_V fp32 partial sums, hence its
+# smaller tile. "small" is used when the whole vocabulary fits one tile of it.
+CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "stats": {
+        "small": {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1},
+        "large": {"BLOCK_V": 4096, "num_warps": 8, "num_stages": 1},
+    },
+    "fused_lse": {
+        "small": {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1},
+        "large": {"BLOCK_V": 2048, "num_warps": 8, "num_stages": 1},
+    },
+}
+
+
+def _config(kernel: str, vocab_size: int) -> dict[str, int]:
+    small = CONFIGS[kernel]["small"]
+    return small if vocab_size <= small["BLOCK_V"] else CONFIGS[kernel]["large"]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launchers allocate comes from here (tests monkeypatch it to fill NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _model_stats_kernel(
+    logits_ptr,  # [N, V] fp32|bf16|fp16, row stride row_stride, unit column stride
+    row_stride,
+    targets_ptr,  # [N] int64
+    lse_ptr,  # [N] fp32 out: log sum exp(z), z = logits / T
+    entropy_ptr,  # [N] fp32 out: entropy of softmax(z)
+    gap_ptr,  # [N] fp32 out: p(top1) - p(top2)
+    target_z_ptr,  # [N] fp32 out: z[target] (0 where ignored)
+    vocab_size,
+    inv_temperature,
+    IGNORE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
+    row_ptr = logits_ptr + row * row_stride
+    cols = tl.arange(0, BLOCK_V)
+    # The running maximum starts at -FLT_MAX, not -inf: then exp(z - m) is 0 (not NaN) for z = -inf
+    # and for masked lanes, and a row that starts with -inf entries needs no special case.
+    # +inf or NaN still poison s (exp(inf - inf), exp(NaN)), which makes every statistic NaN.
+    run_max = tl.full((), -FLT_MAX, tl.float32)
+    run_second = tl.full((), float("-inf"), tl.float32)
+    sum_exp = tl.full((), 0.0, tl.float32)  # s = sum exp(z - m)
+    sum_exp_shift = tl.full((), 0.0, tl.float32)  # u = sum exp(z - m) (z - m)
+    for start in tl.range(0, vocab_size, BLOCK_V):
+        offs = start + cols
+        z = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
+        # top-2 as a multiset: a tied maximum within the tile is also the tile's second value.
+        tile_max = tl.max(z, 0)
+        at_max = z == tile_max
+        tile_second = tl.max(tl.where(at_max, float("-inf"), z), 0)
+        tile_second = tl.where(tl.sum(at_max.to(tl.int32), 0) > 1, tile_max, tile_second)
+        new_max = tl.maximum(run_max, tile_max)
+        run_second = tl.maximum(tl.maximum(run_second, tile_second), tl.minimum(run_max, tile_max))
+        # Rescaling to the new maximum m' (d = m - m' <= 0):
+        #   s' = e^d s + sum_tile e^(z - m')
+        #   u' = sum e^(z - m') (z - m') = e^d sum e^(z - m) ((z - m) + d) = e^d (u + d s) + sum_tile ...
+        shift = run_max - new_max
+        rescale = tl.exp(shift)
+        z_shift = z - new_max
+        e = tl.exp(z_shift)
+        # z = -inf gives e = 0 and z - m' = -inf; their product must count as 0, not NaN.
+        e_shift = e * tl.where(z == float("-inf"), 0.0, z_shift)
+        sum_exp_shift = rescale * (sum_exp_shift + shift * sum_exp) + tl.sum(e_shift, 0)
+        sum_exp = rescale * sum_exp + tl.sum(e, 0)
+        run_max = new_max
+    log_sum_exp = tl.log(sum_exp)
+    # H = -sum p log p with p = e^(z - m) / s:  H = log s - u / s.
+    entropy = log_sum_exp - sum_exp_shift / sum_exp
+    # p(top1) - p(top2) = (e^0 - e^(second - m)) / s.
+    gap = (1.0 - tl.exp(run_second - run_max)) / sum_exp
+    target = tl.load(targets_ptr + row)
+    keep = target != IGNORE
+    target_z = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32) * inv_temperature
+    tl.store(lse_ptr + row, run_max + log_sum_exp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(gap_ptr + row, gap)
+    tl.store(target_z_ptr + row, target_z)
+
+
+@triton.jit
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The i-th of eight arguments, chosen at compile time (i is a constexpr)."""
+    if i == 0:
+        result = a0
+    elif i == 1:
+        result = a1
+    elif i == 2:
+        result = a2
+    elif i == 3:
+        result = a3
+    elif i == 4:
+        result = a4
+    elif i == 5:
+        result = a5
+    elif i == 6:
+        result = a6
+    else:
+        result = a7
+    return result
+
+
+@triton.jit
+def _fused_lse_kernel(
+    p0,  # the models' logits [N, V] fp32|bf16|fp16, unit column stride; only the first M are read
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    r0,  # their row strides
+    r1,
+    r2,
+    r3,
+    r4,
+    r5,
+    r6,
+    r7,
+    coef_ptr,  # [S, M, N] fp32: a_i / T_i per strategy, model and row (contiguous)
+    out_ptr,  # [S, N] fp32 out: logsumexp over V of f = sum_i coef_i logits_i
+    num_rows,
+    vocab_size,
+    num_strategies,
+    M: tl.constexpr,
+    S_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    strategies = tl.arange(0, S_PAD)
+    strategy_ok = strategies < num_strategies
+    cols = tl.arange(0, BLOCK_V)
+    run_max = tl.full((S_PAD,), -FLT_MAX, tl.float32)  # finite start: see _model_stats_kernel
+    sum_exp = tl.full((S_PAD,), 0.0, tl.float32)
+    for start in tl.range(0, vocab_size, BLOCK_V):
+        offs = start + cols
+        in_vocab = offs < vocab_size
+        # One tile of every fused row this program owns; each model's tile is loaded once for all
+        # S strategies: fused[s, v] = sum_i coef[s, i] logits_i[v].
+        fused = tl.full((S_PAD, BLOCK_V), 0.0, tl.float32)
+        for i in tl.static_range(M):
+            ptr = _pick(i, p0, p1, p2, p3, p4, p5, p6, p7)
+            stride = _pick(i, r0, r1, r2, r3, r4, r5, r6, r7)
+            x = tl.load(ptr + row * stride + offs, mask=in_vocab, other=0.0).to(tl.float32)
+            # Padding rows get coefficient 1, not 0: 0 * (-inf) would be NaN (harmless, never stored).
+            coef = tl.load(coef_ptr + (strategies * M + i) * num_rows + row, mask=strategy_ok, other=1.0)
+            fused += coef[:, None] * x[None, :]
+        fused = tl.where(in_vocab[None, :], fused, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(fused, 1))
+        sum_exp = sum_exp * tl.exp(run_max - new_max) + tl.sum(tl.exp(fused - new_max[:, None]), 1)
+        run_max = new_max
+    tl.store(out_ptr + strategies * num_rows + row, run_max + tl.log(sum_exp), mask=strategy_ok)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _model_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, out: torch.Tensor) -> None:
+    """Pass 1 for one model: logits [N, V] -> out [4, N] fp32 rows (lse, entropy, gap, z[target])."""
+    num_rows, vocab_size = logits.shape
+    config = _config("stats", vocab_size)
+    _model_stats_kernel[(num_rows,)](
+        logits,
+        logits.stride(0),
+        targets,
+        out[0],
+        out[1],
+        out[2],
+        out[3],
+        vocab_size,
+        1.0 / temperature,
+        IGNORE=IGNORE_INDEX,
+        BLOCK_V=config["BLOCK_V"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+
+
+def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
+    """Pass 2: logits M x [N, V], coef [S, M, N] fp32 -> logsumexp_v(sum_i coef_i logits_i) [S, N] fp32."""
+    num_strategies, num_models, num_rows = coef.shape
+    vocab_size = logits[0].shape[1]
+    out = _empty((num_strategies, num_rows), torch.float32, coef.device)
+    config = _config("fused_lse", vocab_size)
+    padded = logits + [logits[0]] * (MAX_MODELS - num_models)  # unused pointer arguments
+    _fused_lse_kernel[(num_rows,)](
+        *padded,
+        *(lg.stride(0) for lg in padded),
+        coef,
+        out,
+        num_rows,
+        vocab_size,
+        num_strategies,
+        M=num_models,
+        S_PAD=triton.next_power_of_2(num_strategies),
+        BLOCK_V=config["BLOCK_V"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return out
+
+
+@torch.library.custom_op("moc_kernels::fused_logit_nll_multi", mutates_args=())
+def fused_logit_nll_op(
+    logits: list[torch.Tensor],
+    targets: torch.Tensor,
+    strategy_ids: list[int],
+    temperatures: list[float],
+    weights: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits M x [N, V]; targets [N] int64 -> (nll [S, N], weights [S, M, N], entropy [M, N]), fp32.
+
+    strategy_ids index ``STRATEGIES`` (a custom op's schema has no list of strings).
+    """
+    strategies = [STRATEGIES[k] for k in strategy_ids]
+    num_models, num_rows = len(logits), logits[0].shape[0]
+    device = logits[0].device
+    if num_rows == 0:  # nothing to launch
+        empty = torch.empty((num_models, 0), dtype=torch.float32, device=device)
+        return empty.new_empty((len(strategies), 0)), empty.new_empty((len(strategies), num_models, 0)), empty
+    logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
+    targets = targets.contiguous()
+    stats = _empty((4, num_models, num_rows), torch.float32, device)
+    for i in range(num_models):
+        _model_stats(logits[i], targets, temperatures[i], stats[:, i])
+    log_sum_exp, entropy, gap, target_z = stats.unbind(0)  # each [M, N]
+    fixed = torch.tensor(weights, dtype=torch.float32, device=device)
+    temps = torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]
+
+    alphas = torch.stack([strategy_weights(s, entropy, gap, fixed) for s in strategies])  # [S, M, N]
+    nll = _empty((len(strategies), num_rows), torch.float32, device)
+    log_linear = [k for k, s in enumerate(strategies) if s not in LINEAR_POOLS]
+    for k, strategy in enumerate(strategies):
+        if strategy in LINEAR_POOLS:  # q[t] = sum_i a_i p_i[t], in log space
+            nll[k] = -torch.logsumexp(alphas[k].log() + target_z - log_sum_exp, dim=0)
+    if log_linear:
+        # f = sum_i a_i z_i = sum_i (a_i / T_i) logits_i; nll = lse(f) - f[t] with f[t] = sum_i a_i z_i[t].
+        fused_lse = _fused_lse(logits, (alphas[log_linear] / temps).contiguous())
+        nll[log_linear] = fused_lse - (alphas[log_linear] * target_z).sum(1)
+    nll.masked_fill_(targets == IGNORE_INDEX, 0.0)
+    return nll, alphas, entropy
+
+
+@fused_logit_nll_op.register_fake
+def _(logits, targets, strategy_ids, temperatures, weights):
+    num_models, num_rows, strategies = len(logits), logits[0].shape[0], strategy_ids
+    new = logits[0].new_empty
+    return (
+        new((len(strategies), num_rows), dtype=torch.float32),
+        new((len(strategies), num_models, num_rows), dtype=torch.float32),
+        new((num_models, num_rows), dtype=torch.float32),
+    )
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def fused_logit_nll_multi(
+    logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    strategies: Sequence[str],
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> dict[str, FusedNLL]:
+    """``fused_logit_nll`` for several strategies; pass 1 is shared and pass 2 runs once for all of them.
+
+    logits: M (2..8) tensors [N, V] fp32|bf16|fp16; targets: [N] int64, -100 = ignore, else in [0, V).
+    Returns {strategy: FusedNLL(nll [N], weights [M, N], entropy [M, N])}, all fp32.
+    """
+    num_models, vocab_size = len(logits), logits[0].shape[-1]
+    if num_models > MAX_MODELS:
+        raise ValueError(f"fused_logit_nll (triton): at most {MAX_MODELS} models, got {num_models}")
+    for strategy in strategies:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"fused_logit_nll: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"fused_logit_nll: targets must be int64, got {targets.dtype}")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if bad.any():
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"fused_logit_nll: target {value} out of range; expected {IGNORE_INDEX} or 0..{vocab_size - 1}"
+        )
+    temps = [float(t) for t in temperatures] if temperatures is not None else [1.0] * num_models
+    fixed = [float(w) for w in weights] if weights is not None else [1.0 / num_models] * num_models
+    unique = list(dict.fromkeys(strategies))
+    nll, alphas, entropy = fused_logit_nll_op(
+        list(logits), targets, [STRATEGIES.index(s) for s in unique], temps, fixed
+    )
+    return {s: FusedNLL(nll[k], alphas[k], entropy if k == 0 else entropy.clone()) for k, s in enumerate(unique)}
+
+
+def fused_logit_nll(
+    logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    strategy: str,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> FusedNLL:
+    """NLL of ``targets`` under the fused distribution of M >= 2 models (see ``fused_logit_nll_multi``)."""
+    return fused_logit_nll_multi(logits, targets, [strategy], temperatures, weights)[strategy]
+
+
+# ------------------------------------------------------------------------------------------ compile specs
+
+_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        name = _TL_NAME[dtype]
+        for size, config in CONFIGS["stats"].items():
+            signature = {
+                "logits_ptr": f"*{name}",
+                "row_stride": "i64",
+                "targets_ptr": "*i64",
+                "lse_ptr": "*fp32",
+                "entropy_ptr": "*fp32",
+                "gap_ptr": "*fp32",
+                "target_z_ptr": "*fp32",
+                "vocab_size": "i32",
+                "inv_temperature": "fp32",
+                "IGNORE": "constexpr",
+                "BLOCK_V": "constexpr",
+            }
+            specs.append(
+                KernelSpec(
+                    kernel="_model_stats_kernel",
+                    config=f"{size}-BV{config['BLOCK_V']}-w{config['num_warps']}-{name}",
+                    fn=_model_stats_kernel,
+                    signature=signature,
+                    constexprs={"IGNORE": IGNORE_INDEX, "BLOCK_V": config["BLOCK_V"]},
+                    num_warps=config["num_warps"],
+                    num_stages=config["num_stages"],
+                )
+            )
+        # The register-heaviest pass 2 is the most models with all four log-linear strategies.
+        for size, config in CONFIGS["fused_lse"].items():
+            for num_models, s_pad in ((2, 1), (2, 4), (MAX_MODELS, 4)):
+                signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
+                signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
+                signature |= {"coef_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "vocab_size": "i32"}
+                signature |= {"num_strategies": "i32", "M": "constexpr", "S_PAD": "constexpr", "BLOCK_V": "constexpr"}
+                specs.append(
+                    KernelSpec(
+                        kernel="_fused_lse_kernel",
+                        config=f"{size}-BV{config['BLOCK_V']}-M{num_models}-S{s_pad}-w{config['num_warps']}-{name}",
+                        fn=_fused_lse_kernel,
+                        signature=signature,
+                        constexprs={"M": num_models, "S_PAD": s_pad, "BLOCK_V": config["BLOCK_V"]},
+                        num_warps=config["num_warps"],
+                        num_stages=config["num_stages"],
+                    )
+                )
+    return specs
