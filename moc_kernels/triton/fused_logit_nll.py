@@ -37,7 +37,7 @@ from moc_kernels.reference.fused_logit_nll import (
 from moc_kernels.triton.compile_spec import KernelSpec
 
 MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
 # Launch configurations, the one place they live (launchers and compile_specs() read this table).
 # Both kernels stream V in BLOCK_V tiles and are memory-bound, so a tile only has to be large
