@@ -1,0 +1,648 @@
+"""Triton ``expert_swiglu``: every expert's SwiGLU on every token, forward and backward.
+
+x [N, D], w1, w3 [E, D, F] (may be strided views of one packed [E, D, 2F]), w2 [E, F, D] -> Y [N, E, D].
+
+Forward, two grouped GEMMs (a grid axis per expert e):
+  1. ``_expert_dual_matmul`` (epilogue "swiglu"): G_e = x W1_e and U_e = x W3_e accumulated in the
+     same K loop, so each x tile is loaded once for both; ``H = silu(G) * U`` is formed in registers
+     and only H is written (plus G, U when they are saved for backward).
+  2. ``_expert_matmul``: Y[:, e] = H_e W2_e, stored straight into token-major [N, E, D] by strides.
+
+Backward (dY [N, E, D]):
+  3. ``_swiglu_grad``: dH_e = dY_e W2_e^T with silu' fused in its epilogue -> dG, dU, and H again
+     (for dW2). In recompute mode the same K loop over D also accumulates G = x W1_e, U = x W3_e.
+  4. ``_dx``: dx = sum_e dG_e W1_e^T + dU_e W3_e^T, one program per output tile, no atomics.
+  5. ``_expert_dual_matmul`` (epilogue "plain"): dW1_e = x^T dG_e and dW3_e = x^T dU_e share x^T.
+  6. ``_expert_matmul``: dW2_e = H_e^T dY_e.
+
+Saved for backward (besides the inputs x, w1, w3, w2, which autograd keeps anyway):
+  * default (``RECOMPUTE_GATE_UP = False``): G and U, [N, E, F] each in x's dtype:
+    2 * N * E * F * itemsize bytes (bf16 GPT-2-small MoC, N=16384, E=8, F=2048: 1 GiB per layer);
+  * ``RECOMPUTE_GATE_UP = True``: nothing more (0 bytes); the backward recomputes G and U from x
+    inside the dH GEMM (two more GEMMs of the forward's size, sharing that kernel's K loop).
+The reference's autograd keeps gate, silu(gate), up and hidden in fp32 (4 * N * E * F * 4 bytes).
+
+All products accumulate in fp32; G, U, H, dG, dU are stored in x's dtype (the precision the
+tensor-core GEMMs consume). fp32 inputs use exact fp32 products (``input_precision="ieee"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from moc_kernels import backend
+from moc_kernels.triton.compile_spec import KernelSpec
+
+# Launch configurations: the one place they live. Launchers read them (block sizes are clamped to
+# the problem for small shapes), and compile_specs() compiles exactly these for the report.
+# "bf16" also serves fp16. Tiles were chosen by compiling them for sm_80 and sm_90 (no spills, shared
+# memory within both limits, wgmma on sm_90): two 128x128 fp32 accumulators at 8 warps spill on sm_90,
+# so the dual-accumulator GEMMs use 128x64 tiles (2 x 32 fp32 registers per thread at 8 warps).
+CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    # G/U = x W1/W3 (M = N tokens, N = F, K = D) and dW1/dW3 = x^T dG/dU (M = D, N = F, K = tokens).
+    "gate_up": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    "dw13": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    # Y_e = H_e W2_e (M = N tokens, N = D, K = F) and dW2_e = H_e^T dY_e (M = F, N = D, K = tokens).
+    "down": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    "dw2": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    # dH = dY_e W2_e^T (M = N tokens, N = F, K = D), optionally with G, U recomputed (3 accumulators).
+    "swiglu_grad": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    "swiglu_grad_recompute": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+    # dx = sum_e dG_e W1_e^T + dU_e W3_e^T (M = N tokens, N = D, K = E * F).
+    "dx": {
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    },
+}
+# The shape whose configs the compile report checks: GPT-2-small MoC (N = batch * seq).
+SHIPPED_SHAPE = {"N": 16384, "D": 768, "E": 8, "F": 2048}
+
+# Save G and U for backward (False) or recompute them from x in the backward (True); see above.
+RECOMPUTE_GATE_UP = False
+
+_DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a buffer the kernels overwrite entirely (tests patch this to pre-fill NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+# Kernels use only builtins of triton.language, not its @jit library functions (tl.zeros,
+# tl.sigmoid): those are decorated when triton is first imported, possibly before
+# TRITON_INTERPRET=1 is set, and then refuse to run under the interpreter.
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _store(ptrs, value, mask, UPCAST: tl.constexpr):
+    """Store fp32 ``value`` in the pointers' dtype, rounding to nearest even. Under the interpreter
+    (UPCAST), Triton 3.9 truncates fp32 -> bf16 (GPUs round to nearest even), which doubles bf16
+    errors; there the rounding is done explicitly on the bits first (then truncation is exact)."""
+    if UPCAST and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST (interpreter only): Triton 3.9's interpreter multiplies the raw
+    16-bit storage of bf16 operands, so there both go to fp32 first (bf16 -> fp32 is exact)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _expert_matmul(
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_ae, stride_am, stride_ak,
+    stride_be, stride_bk, stride_bn,
+    stride_ce, stride_cm, stride_cn,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C_e = A_e @ B_e for expert e = program_id(2); every operand addressed by strides (A [M, K],
+    B [K, N], C [M, N] per expert), so transposes and token-major layouts cost nothing."""
+    # int64 before multiplying by strides: N * E * F can exceed 2^31.
+    expert = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_rows = a_ptr + expert * stride_ae + offs_m[:, None] * stride_am
+    b_cols = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_cols + k[:, None] * stride_bk, mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = _mma(acc, a, b, PRECISION, UPCAST)
+    c_ptrs = c_ptr + expert * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    _store(c_ptrs, acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), UPCAST)
+
+
+@triton.jit
+def _expert_dual_matmul(
+    a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, h_ptr,
+    M, N, K,
+    stride_ae, stride_am, stride_ak,
+    stride_b1e, stride_b1k, stride_b1n,
+    stride_b2e, stride_b2k, stride_b2n,
+    stride_ce, stride_cm, stride_cn,
+    SWIGLU: tl.constexpr, STORE_C: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C1_e = A_e @ B1_e and C2_e = A_e @ B2_e in one K loop: each A tile is loaded once for both.
+
+    SWIGLU: also store H = silu(C1) * C2 at h_ptr (the forward's gate/up GEMM; C1, C2 are G, U and
+    are stored only when STORE_C, i.e. when saved for backward). C1, C2 and H share one layout.
+    Without SWIGLU it is dW1_e = x^T dG_e, dW3_e = x^T dU_e (A = x^T by strides).
+    """
+    expert = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_rows = a_ptr + expert * stride_ae + offs_m[:, None] * stride_am
+    b1_cols = b1_ptr + expert * stride_b1e + offs_n[None, :] * stride_b1n
+    b2_cols = b2_ptr + expert * stride_b2e + offs_n[None, :] * stride_b2n
+    acc1 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        b_mask = (k[:, None] < K) & (offs_n[None, :] < N)
+        b1 = tl.load(b1_cols + k[:, None] * stride_b1k, mask=b_mask, other=0.0)
+        b2 = tl.load(b2_cols + k[:, None] * stride_b2k, mask=b_mask, other=0.0)
+        acc1 = _mma(acc1, a, b1, PRECISION, UPCAST)
+        acc2 = _mma(acc2, a, b2, PRECISION, UPCAST)
+    c_offs = expert * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if STORE_C:
+        _store(c1_ptr + c_offs, acc1, c_mask, UPCAST)
+        _store(c2_ptr + c_offs, acc2, c_mask, UPCAST)
+    if SWIGLU:
+        # silu(g) = g * sigmoid(g), computed from the fp32 accumulator (never from a rounded G).
+        hidden = acc1 * _sigmoid(acc1) * acc2
+        _store(h_ptr + c_offs, hidden, c_mask, UPCAST)
+
+
+@triton.jit
+def _swiglu_grad(
+    dy_ptr, w2_ptr, x_ptr, w1_ptr, w3_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+    N, D, F,
+    stride_dyn, stride_dye, stride_dyd,
+    stride_w2e, stride_w2f, stride_w2d,
+    stride_xn, stride_xd,
+    stride_w1e, stride_w1d, stride_w1f,
+    stride_w3e, stride_w3d, stride_w3f,
+    stride_hn, stride_he, stride_hf,
+    RECOMPUTE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dH_e = dY_e @ W2_e^T for a [tokens, F] tile of expert e, then the SwiGLU derivative.
+
+    With H = silu(G) * U and silu(g) = g * s, s = sigmoid(g):
+        silu'(g) = s + g * s * (1 - s) = s * (1 + g * (1 - s))
+        dU = dH * silu(G)            (from dH/dU = silu(G))
+        dG = dH * U * silu'(G)       (from dH/dG = U * silu'(G))
+    Writes dG, dU and H (the dW2 GEMM's operand) in the layout of G/U/H ([N, E, F] by strides).
+    RECOMPUTE: G = x W1_e, U = x W3_e are accumulated in the same K loop over D as dH (both GEMMs
+    have K = D), so nothing but the inputs had to be saved; otherwise G, U are loaded.
+    """
+    expert = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_mask = offs_m[:, None] < N
+    n_mask = offs_n[None, :] < F
+    dy_rows = dy_ptr + offs_m[:, None] * stride_dyn + expert * stride_dye
+    # W2_e^T [D, F]: element (d, f) = w2[e, f, d].
+    w2t_cols = w2_ptr + expert * stride_w2e + offs_n[None, :] * stride_w2f
+    x_rows = x_ptr + offs_m[:, None] * stride_xn
+    w1_cols = w1_ptr + expert * stride_w1e + offs_n[None, :] * stride_w1f
+    w3_cols = w3_ptr + expert * stride_w3e + offs_n[None, :] * stride_w3f
+    acc_dh = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + offs_k
+        a_mask = m_mask & (k[None, :] < D)
+        b_mask = (k[:, None] < D) & n_mask
+        dy = tl.load(dy_rows + k[None, :] * stride_dyd, mask=a_mask, other=0.0)
+        w2t = tl.load(w2t_cols + k[:, None] * stride_w2d, mask=b_mask, other=0.0)
+        acc_dh = _mma(acc_dh, dy, w2t, PRECISION, UPCAST)
+        if RECOMPUTE:
+            x = tl.load(x_rows + k[None, :] * stride_xd, mask=a_mask, other=0.0)
+            w1 = tl.load(w1_cols + k[:, None] * stride_w1d, mask=b_mask, other=0.0)
+            w3 = tl.load(w3_cols + k[:, None] * stride_w3d, mask=b_mask, other=0.0)
+            acc_g = _mma(acc_g, x, w1, PRECISION, UPCAST)
+            acc_u = _mma(acc_u, x, w3, PRECISION, UPCAST)
+    h_offs = offs_m[:, None] * stride_hn + expert * stride_he + offs_n[None, :] * stride_hf
+    mask = m_mask & n_mask
+    if RECOMPUTE:
+        gate = acc_g
+        up = acc_u
+    else:
+        gate = tl.load(g_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(u_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
+    sig = _sigmoid(gate)
+    silu = gate * sig
+    d_gate = acc_dh * up * (sig * (1.0 + gate * (1.0 - sig)))
+    d_up = acc_dh * silu
+    _store(dg_ptr + h_offs, d_gate, mask, UPCAST)
+    _store(du_ptr + h_offs, d_up, mask, UPCAST)
+    _store(h_ptr + h_offs, silu * up, mask, UPCAST)
+
+
+@triton.jit
+def _dx(
+    dg_ptr, du_ptr, w1_ptr, w3_ptr, dx_ptr,
+    N, D, F, E,
+    stride_hn, stride_he, stride_hf,
+    stride_w1e, stride_w1d, stride_w1f,
+    stride_w3e, stride_w3d, stride_w3f,
+    stride_dxn, stride_dxd,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dx = sum_e dG_e @ W1_e^T + dU_e @ W3_e^T for a [tokens, D] tile: G_e = x W1_e gives
+    dx += dG_e W1_e^T (same for U). The K loop runs over (expert, F) so each program owns its output
+    tile and no atomics are needed."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_mask = offs_m[:, None] < N
+    n_mask = offs_n[None, :] < D
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    dg_rows = dg_ptr + offs_m[:, None] * stride_hn
+    du_rows = du_ptr + offs_m[:, None] * stride_hn
+    # W1_e^T [F, D]: element (f, d) = w1[e, d, f].
+    w1t_cols = w1_ptr + offs_n[None, :] * stride_w1d
+    w3t_cols = w3_ptr + offs_n[None, :] * stride_w3d
+    for _ in range(0, E):
+        for k0 in range(0, F, BLOCK_K):
+            k = k0 + offs_k
+            a_mask = m_mask & (k[None, :] < F)
+            b_mask = (k[:, None] < F) & n_mask
+            dg = tl.load(dg_rows + k[None, :] * stride_hf, mask=a_mask, other=0.0)
+            du = tl.load(du_rows + k[None, :] * stride_hf, mask=a_mask, other=0.0)
+            w1t = tl.load(w1t_cols + k[:, None] * stride_w1f, mask=b_mask, other=0.0)
+            w3t = tl.load(w3t_cols + k[:, None] * stride_w3f, mask=b_mask, other=0.0)
+            acc = _mma(acc, dg, w1t, PRECISION, UPCAST)
+            acc = _mma(acc, du, w3t, PRECISION, UPCAST)
+        # Next expert: advance the (64-bit) pointers rather than multiplying e by a stride.
+        dg_rows += stride_he
+        du_rows += stride_he
+        w1t_cols += stride_w1e
+        w3t_cols += stride_w3e
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxn + offs_n[None, :] * stride_dxd
+    _store(dx_ptrs, acc, m_mask & n_mask, UPCAST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: one description per launch, used both to launch and to build compile specs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Launch:
+    fn: Any  # the triton.JITFunction
+    name: str  # the config table's key
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # every argument by name: tensors, ints, and constexpr values
+    constexprs: tuple[str, ...]
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        if all(self.grid):
+            self.fn[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _config(name: str, dtype: torch.dtype, m: int, n: int, k: int) -> dict[str, int]:
+    """The table's config for ``name``, with blocks shrunk (not below 16, tl.dot's minimum) to the
+    problem so small shapes do not run mostly-masked tiles."""
+    cfg = dict(CONFIGS[name][_DTYPE_KEY[dtype]])
+    for key, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k)):
+        cfg[key] = min(cfg[key], max(16, triton.next_power_of_2(size)))
+    return cfg
+
+
+def _common(dtype: torch.dtype, cfg: dict[str, int]) -> dict[str, Any]:
+    return {
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "UPCAST": backend.interpreting() and dtype != torch.float32,
+        "BLOCK_M": cfg["BLOCK_M"],
+        "BLOCK_N": cfg["BLOCK_N"],
+        "BLOCK_K": cfg["BLOCK_K"],
+    }
+
+
+_META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def _plan(fn, name, dtype, m, n, k, batch, args, extra_constexprs=()) -> _Launch:
+    cfg = _config(name, dtype, m, n, k)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), batch)
+    return _Launch(
+        fn=fn,
+        name=name,
+        grid=grid,
+        args={**args, **_common(dtype, cfg)},
+        constexprs=tuple(extra_constexprs) + _META,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+def _plan_gate_up(x, w1, w3, g, u, h, store_gate_up: bool) -> _Launch:
+    n_tokens, dim = x.shape
+    num_experts, _, hidden = w1.shape
+    assert w1.stride() == w3.stride(), "w1 and w3 strides must match"  # checked by the public function
+    args = dict(
+        a_ptr=x, b1_ptr=w1, b2_ptr=w3, c1_ptr=g, c2_ptr=u, h_ptr=h,
+        M=n_tokens, N=hidden, K=dim,
+        stride_ae=0, stride_am=x.stride(0), stride_ak=x.stride(1),
+        stride_b1e=w1.stride(0), stride_b1k=w1.stride(1), stride_b1n=w1.stride(2),
+        stride_b2e=w3.stride(0), stride_b2k=w3.stride(1), stride_b2n=w3.stride(2),
+        stride_ce=h.stride(1), stride_cm=h.stride(0), stride_cn=h.stride(2),
+        SWIGLU=True, STORE_C=store_gate_up,
+    )  # fmt: skip
+    return _plan(
+        _expert_dual_matmul, "gate_up", x.dtype, n_tokens, hidden, dim, num_experts, args, ("SWIGLU", "STORE_C")
+    )
+
+
+def _plan_down(h, w2, y) -> _Launch:
+    n_tokens, num_experts, hidden = h.shape
+    dim = w2.shape[2]
+    args = dict(
+        a_ptr=h, b_ptr=w2, c_ptr=y,
+        M=n_tokens, N=dim, K=hidden,
+        stride_ae=h.stride(1), stride_am=h.stride(0), stride_ak=h.stride(2),
+        stride_be=w2.stride(0), stride_bk=w2.stride(1), stride_bn=w2.stride(2),
+        stride_ce=y.stride(1), stride_cm=y.stride(0), stride_cn=y.stride(2),
+    )  # fmt: skip
+    return _plan(_expert_matmul, "down", h.dtype, n_tokens, dim, hidden, num_experts, args)
+
+
+def _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute: bool) -> _Launch:
+    n_tokens, dim = x.shape
+    num_experts, _, hidden = w1.shape
+    args = dict(
+        dy_ptr=dy, w2_ptr=w2, x_ptr=x, w1_ptr=w1, w3_ptr=w3, g_ptr=g, u_ptr=u, dg_ptr=dg, du_ptr=du, h_ptr=h,
+        N=n_tokens, D=dim, F=hidden,
+        stride_dyn=dy.stride(0), stride_dye=dy.stride(1), stride_dyd=dy.stride(2),
+        stride_w2e=w2.stride(0), stride_w2f=w2.stride(1), stride_w2d=w2.stride(2),
+        stride_xn=x.stride(0), stride_xd=x.stride(1),
+        stride_w1e=w1.stride(0), stride_w1d=w1.stride(1), stride_w1f=w1.stride(2),
+        stride_w3e=w3.stride(0), stride_w3d=w3.stride(1), stride_w3f=w3.stride(2),
+        stride_hn=h.stride(0), stride_he=h.stride(1), stride_hf=h.stride(2),
+        RECOMPUTE=recompute,
+    )  # fmt: skip
+    name = "swiglu_grad_recompute" if recompute else "swiglu_grad"
+    return _plan(_swiglu_grad, name, x.dtype, n_tokens, hidden, dim, num_experts, args, ("RECOMPUTE",))
+
+
+def _plan_dx(dg, du, w1, w3, dx) -> _Launch:
+    n_tokens, num_experts, hidden = dg.shape
+    dim = w1.shape[1]
+    args = dict(
+        dg_ptr=dg, du_ptr=du, w1_ptr=w1, w3_ptr=w3, dx_ptr=dx,
+        N=n_tokens, D=dim, F=hidden, E=num_experts,
+        stride_hn=dg.stride(0), stride_he=dg.stride(1), stride_hf=dg.stride(2),
+        stride_w1e=w1.stride(0), stride_w1d=w1.stride(1), stride_w1f=w1.stride(2),
+        stride_w3e=w3.stride(0), stride_w3d=w3.stride(1), stride_w3f=w3.stride(2),
+        stride_dxn=dx.stride(0), stride_dxd=dx.stride(1),
+    )  # fmt: skip
+    return _plan(_dx, "dx", dg.dtype, n_tokens, dim, hidden, 1, args)
+
+
+def _plan_dw13(x, dg, du, dw1, dw3) -> _Launch:
+    n_tokens, dim = x.shape
+    num_experts, _, hidden = dw1.shape
+    # A = x^T [D, tokens] (shared by every expert), B1/B2 = dG_e/dU_e [tokens, F], C = dW1_e/dW3_e [D, F].
+    args = dict(
+        a_ptr=x, b1_ptr=dg, b2_ptr=du, c1_ptr=dw1, c2_ptr=dw3, h_ptr=dw1,
+        M=dim, N=hidden, K=n_tokens,
+        stride_ae=0, stride_am=x.stride(1), stride_ak=x.stride(0),
+        stride_b1e=dg.stride(1), stride_b1k=dg.stride(0), stride_b1n=dg.stride(2),
+        stride_b2e=du.stride(1), stride_b2k=du.stride(0), stride_b2n=du.stride(2),
+        stride_ce=dw1.stride(0), stride_cm=dw1.stride(1), stride_cn=dw1.stride(2),
+        SWIGLU=False, STORE_C=True,
+    )  # fmt: skip
+    assert dw1.stride() == dw3.stride()
+    return _plan(_expert_dual_matmul, "dw13", x.dtype, dim, hidden, n_tokens, num_experts, args, ("SWIGLU", "STORE_C"))
+
+
+def _plan_dw2(h, dy, dw2) -> _Launch:
+    n_tokens, num_experts, hidden = h.shape
+    dim = dy.shape[2]
+    # A = H_e^T [F, tokens], B = dY_e [tokens, D], C = dW2_e [F, D].
+    args = dict(
+        a_ptr=h, b_ptr=dy, c_ptr=dw2,
+        M=hidden, N=dim, K=n_tokens,
+        stride_ae=h.stride(1), stride_am=h.stride(2), stride_ak=h.stride(0),
+        stride_be=dy.stride(1), stride_bk=dy.stride(0), stride_bn=dy.stride(2),
+        stride_ce=dw2.stride(0), stride_cm=dw2.stride(1), stride_cn=dw2.stride(2),
+    )  # fmt: skip
+    return _plan(_expert_matmul, "dw2", h.dtype, hidden, dim, n_tokens, num_experts, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_plans(x, w1, w3, w2, recompute: bool):
+    """Buffers and launches of the forward: returns (y, g, u, plans). g, u are empty when recomputed."""
+    n_tokens, _ = x.shape
+    num_experts, dim, hidden = w1.shape
+    h = _empty((n_tokens, num_experts, hidden), x.dtype, x.device)
+    if recompute:
+        g, u = h.new_empty(0), h.new_empty(0)
+    else:
+        g = _empty((n_tokens, num_experts, hidden), x.dtype, x.device)
+        u = _empty((n_tokens, num_experts, hidden), x.dtype, x.device)
+    y = _empty((n_tokens, num_experts, dim), x.dtype, x.device)
+    # When G, U are not stored the kernel's G/U pointers are never written; pass h as a stand-in.
+    plans = [
+        _plan_gate_up(x, w1, w3, h if recompute else g, h if recompute else u, h, not recompute),
+        _plan_down(h, w2, y),
+    ]
+    return y, g, u, plans
+
+
+def _backward_plans(dy, x, w1, w3, w2, g, u, recompute: bool):
+    n_tokens, dim = x.shape
+    num_experts, _, hidden = w1.shape
+    shape_h = (n_tokens, num_experts, hidden)
+    dg = _empty(shape_h, x.dtype, x.device)
+    du = _empty(shape_h, x.dtype, x.device)
+    h = _empty(shape_h, x.dtype, x.device)
+    if recompute:
+        g = u = h  # never read when RECOMPUTE
+    dx = _empty((n_tokens, dim), x.dtype, x.device)
+    dw1 = _empty(tuple(w1.shape), w1.dtype, w1.device)
+    dw3 = _empty(tuple(w3.shape), w3.dtype, w3.device)
+    dw2 = _empty(tuple(w2.shape), w2.dtype, w2.device)
+    plans = [
+        _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute),
+        _plan_dx(dg, du, w1, w3, dx),
+        _plan_dw13(x, dg, du, dw1, dw3),
+        _plan_dw2(h, dy, dw2),
+    ]
+    return (dx, dw1, dw3, dw2), plans
+
+
+@torch.library.custom_op("moc_kernels::expert_swiglu_fwd", mutates_args=())
+def _expert_swiglu_fwd(
+    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, recompute: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [N, E, D], G [N, E, F], U [N, E, F]); G and U are 0-element when ``recompute``."""
+    y, g, u, plans = _forward_plans(x, w1, w3, w2, recompute)
+    for plan in plans:
+        plan.run()
+    return y, g, u
+
+
+@_expert_swiglu_fwd.register_fake
+def _(x, w1, w3, w2, recompute):
+    num_experts, dim, hidden = w1.shape
+    y = x.new_empty((x.shape[0], num_experts, dim))
+    if recompute:
+        return y, x.new_empty(0), x.new_empty(0)
+    return y, x.new_empty((x.shape[0], num_experts, hidden)), x.new_empty((x.shape[0], num_experts, hidden))
+
+
+@torch.library.custom_op("moc_kernels::expert_swiglu_bwd", mutates_args=())
+def _expert_swiglu_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [N, D], dw1 [E, D, F], dw3 [E, D, F], dw2 [E, F, D]) from dY [N, E, D]."""
+    grads, plans = _backward_plans(dy, x, w1, w3, w2, g, u, recompute)
+    for plan in plans:
+        plan.run()
+    return grads
+
+
+@_expert_swiglu_bwd.register_fake
+def _(dy, x, w1, w3, w2, g, u, recompute):
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), w3.new_empty(w3.shape), w2.new_empty(w2.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, w3, w2, recompute = inputs
+    _, g, u = output
+    ctx.recompute = recompute
+    ctx.mark_non_differentiable(g, u)
+    ctx.save_for_backward(x, w1, w3, w2, g, u)
+
+
+def _backward(ctx, dy, _dg, _du):
+    x, w1, w3, w2, g, u = ctx.saved_tensors
+    dx, dw1, dw3, dw2 = _expert_swiglu_bwd(dy, x, w1, w3, w2, g, u, ctx.recompute)
+    return dx, dw1, dw3, dw2, None
+
+
+_expert_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` for every token n and expert e.
+
+    x: [N, D]; w1, w3: [E, D, F] (any strides, e.g. views of one packed [E, D, 2F]); w2: [E, F, D];
+    fp32|bf16|fp16. Weights of another dtype are cast to x's (differentiably, like autocast).
+    Returns Y: [N, E, D] in x's dtype, token-major. Differentiable in all four inputs.
+    Saved for backward: G and U ([N, E, F], x's dtype) unless ``RECOMPUTE_GATE_UP`` is set.
+    """
+    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    if w1.stride() != w3.stride():
+        # The gate/up kernel addresses both with one set of strides' meaning; rare, so copy.
+        w1, w3 = w1.contiguous(), w3.contiguous()
+    y, _, _ = _expert_swiglu_fwd(x, w1, w3, w2, RECOMPUTE_GATE_UP)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs for `python -m moc_kernels.report`
+# ----------------------------------------------------------------------------------------------
+
+
+def _spec(plan: _Launch, dtype: torch.dtype) -> KernelSpec:
+    """The KernelSpec that compiles what ``plan`` launches: tensors become typed pointers, ints equal
+    to 1 become constants (Triton specialises them the same way at launch), other ints i32 (i64 when
+    they do not fit)."""
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    for arg_name in plan.fn.arg_names:
+        value = plan.args[arg_name]
+        if arg_name in plan.constexprs:
+            signature[arg_name] = "constexpr"
+            constexprs[arg_name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[arg_name] = "*" + _TL_NAME[value.dtype]
+        elif value == 1:
+            signature[arg_name] = "constexpr"
+            constexprs[arg_name] = 1
+        else:
+            signature[arg_name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+    cfg = {key: plan.args[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    label = (
+        f"{plan.name}-BM{cfg['BLOCK_M']}-BN{cfg['BLOCK_N']}-BK{cfg['BLOCK_K']}"
+        f"-w{plan.num_warps}-s{plan.num_stages}-{_TL_NAME[dtype]}"
+    )
+    return KernelSpec(
+        kernel=plan.fn.__name__,
+        config=label,
+        fn=plan.fn,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+        matmul=True,
+    )
+
+
+def compile_specs() -> list[KernelSpec]:
+    """One KernelSpec per kernel x shipped config (bf16 and fp32) at ``SHIPPED_SHAPE``, built by the
+    launchers' own planning code on meta tensors (contiguous weights, w1/w3 as views of one packed
+    [E, D, 2F] as the model stores them), so the report compiles exactly what would be launched."""
+    specs = []
+    n_tokens, dim, num_experts, hidden = (SHIPPED_SHAPE[k] for k in ("N", "D", "E", "F"))
+    for dtype in (torch.bfloat16, torch.float32):
+        meta = {"dtype": dtype, "device": "meta"}
+        x = torch.empty(n_tokens, dim, **meta)
+        packed = torch.empty(num_experts, dim, 2 * hidden, **meta)
+        w1, w3 = packed[..., :hidden], packed[..., hidden:]
+        w2 = torch.empty(num_experts, hidden, dim, **meta)
+        _, g, u, forward = _forward_plans(x, w1, w3, w2, recompute=False)
+        dy = torch.empty(n_tokens, num_experts, dim, **meta)
+        _, backward = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=False)
+        _, recomputed = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=True)
+        for plan in [*forward, *backward, recomputed[0]]:
+            plan.args["UPCAST"] = False  # the report compiles for GPUs, never the interpreter
+            specs.append(_spec(plan, dtype))
+    return specs
