@@ -1,0 +1,509 @@
+"""Triton ``small_attention``: softmax attention over a short axis (L <= 64) per token and head.
+
+q, k, v: [N, L, H, dh] -> out [N, L, H, dh] and the entropy [N, H, L] fp32 of every softmax row,
+both differentiable (the MoC diversity loss trains through the entropy).
+
+Layout of the work: one program per (tile of tokens, head). A tile holds ``BLOCK_M`` rows; a row
+is one (token, position) pair, and the L positions of a token are padded to ``L_PAD`` (the next
+power of two), so a tile packs ``BLOCK_M // L_PAD`` whole tokens. The scores of a tile are one
+``[BLOCK_M, BLOCK_M]`` product ``Q K^T`` with a block-diagonal mask (a row only sees the positions
+of its own token), so every product is a ``tl.dot`` of >= 16 (bf16: 64) rows.
+
+Why pack tokens into block-diagonal tiles instead of broadcast-and-reduce for L < 16: the op is
+bound by HBM bytes, not FLOPs; the wasted multiply-adds of the masked blocks run on tensor cores
+(the report shows mma on sm_80, wgmma on sm_90 for the bf16 configs), while a broadcast-and-reduce
+``[tokens, L, L, dh]`` product runs on the FP32 pipes, holds L times more live values per thread
+and needs a different code path per L. One kernel serves every L from 1 to 64.
+
+Saved for backward: q, k, v (inputs) and the log-sum-exp [N, H, L] fp32 of each row (4 bytes per
+row instead of the L x L softmax); the backward recomputes the scores, the softmax and the entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moc_kernels import backend
+from moc_kernels.triton.compile_spec import KernelSpec
+
+# Launch configurations: the one place they live (launchers and compile_specs() read this table).
+# Keyed by direction, dtype class, then the largest L_PAD (next power of two of L) a tier serves.
+# BLOCK_M is the number of rows (token x position) per program, raised to L_PAD for long L.
+# bf16/fp16: 64 rows, so that sm_90 lowers the products to wgmma (needs >= 64 rows, 4 warps per
+# warpgroup); the backward needs 8 warps (4 spill ~250 B on sm_80). fp32 runs exact IEEE products on
+# the FMA pipes, where the masked blocks are real work, so it packs only 16 rows.
+# Checked with `python -m moc_kernels.report --ops small_attention`: no spills for the shipped
+# configs. fp32 with L > 16 (the 64-row tier) is correct but spills registers (FMA products of
+# 64x64x64 fp32 tiles); it is not shipped (not in compile_specs()), fp32 training uses L <= 16.
+CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
+    "fwd": {
+        "bf16": {64: {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}},
+        "fp32": {
+            16: {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},
+            64: {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1},
+        },
+    },
+    "bwd": {
+        "bf16": {64: {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1}},
+        "fp32": {
+            16: {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},
+            64: {"BLOCK_M": 64, "num_warps": 16, "num_stages": 1},
+        },
+    },
+}
+# (dtype class, L, dh) whose configs the report compiles: collab (L = k = 2) and router (L = E = 8)
+# at the GPT-2-small head dim 64, and for bf16 the longest supported L.
+SHIPPED_SHAPES = (("bf16", 2, 64), ("bf16", 8, 64), ("bf16", 64, 64), ("fp32", 2, 64), ("fp32", 8, 64))
+MAX_L = 64
+
+_DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an output the kernel overwrites entirely (tests patch this to pre-fill NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b with fp32 accumulation. Under Triton 3.9's interpreter, bf16 operands are multiplied as their
+    raw uint16 storage, so there both go to fp32 first (exact: bf16 -> fp32 is lossless)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even like the GPU's cvt.rn. Triton 3.9's interpreter truncates
+    fp32 -> bf16, which biases every value by half an ulp; there x is rounded to bf16 precision first."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tile_rows(pid_m, N, L, BLOCK_M: tl.constexpr, L_PAD: tl.constexpr):
+    """Token index (int64), position, and validity of each of the BLOCK_M rows of tile pid_m."""
+    rows = tl.arange(0, BLOCK_M)
+    # int64 before multiplying by strides: N * L * H * dh can exceed 2^31.
+    token = pid_m.to(tl.int64) * (BLOCK_M // L_PAD) + rows // L_PAD
+    position = rows % L_PAD
+    row_valid = (token < N) & (position < L)
+    # Block-diagonal mask: row r sees column c iff both belong to the same token and c is a real
+    # position. Every row keeps >= 1 visible column (L >= 1), so no row's softmax is 0/0.
+    col_visible = ((rows[:, None] // L_PAD) == (rows[None, :] // L_PAD)) & (position[None, :] < L)
+    return token, position, row_valid, col_visible
+
+
+@triton.jit
+def _small_attention_fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    entropy_ptr,
+    N,
+    L,
+    DH,
+    stride_qn,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kn,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vn,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_on,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_sn,
+    stride_sh,
+    stride_sl,
+    scale,
+    BLOCK_M: tl.constexpr,
+    L_PAD: tl.constexpr,
+    DH_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    token, position, row_valid, col_visible = _tile_rows(pid_m, N, L, BLOCK_M, L_PAD)
+    d = tl.arange(0, DH_PAD)
+    mask = row_valid[:, None] & (d < DH)[None, :]
+
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qn + position[:, None] * stride_ql + head * stride_qh + d[None, :] * stride_qd,
+        mask=mask,
+        other=0.0,
+    )
+    k = tl.load(
+        k_ptr + token[:, None] * stride_kn + position[:, None] * stride_kl + head * stride_kh + d[None, :] * stride_kd,
+        mask=mask,
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr + token[:, None] * stride_vn + position[:, None] * stride_vl + head * stride_vh + d[None, :] * stride_vd,
+        mask=mask,
+        other=0.0,
+    )
+
+    # Single pass: the whole row (<= 64 keys) is in the tile, so max, sum and output need no rescaling.
+    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
+    scores = tl.where(col_visible, scores, float("-inf"))
+    row_max = tl.max(scores, axis=1)
+    unnorm = tl.exp(scores - row_max[:, None])  # hidden columns: exp(-inf) = 0
+    row_sum = tl.sum(unnorm, axis=1)
+    probs = unnorm / row_sum[:, None]
+    lse = row_max + tl.log(row_sum)
+    # Entropy as -sum p log p with log p = s - lse (not lse - sum p s, which cancels when H ~ 0).
+    log_probs = tl.where(col_visible, scores - lse[:, None], 0.0)
+    entropy = -tl.sum(probs * log_probs, axis=1)
+
+    out = _dot(_cast(probs, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
+    tl.store(
+        out_ptr
+        + token[:, None] * stride_on
+        + position[:, None] * stride_ol
+        + head * stride_oh
+        + d[None, :] * stride_od,
+        _cast(out, out_ptr.dtype.element_ty, INTERPRET),
+        mask=mask,
+    )
+    row_offset = token * stride_sn + head * stride_sh + position * stride_sl
+    tl.store(lse_ptr + row_offset, lse, mask=row_valid)
+    tl.store(entropy_ptr + row_offset, entropy, mask=row_valid)
+
+
+# Backward. With S = scale * Q K^T, P = softmax(S) (rows), O = P V, the entropy of row i
+# H_i = -sum_j P_ij log P_ij, and upstream gradients dO (of O) and g (of H):
+#   dV = P^T dO
+#   dP_ij = (dO V^T)_ij + g_i * dH_i/dP_ij = A_ij - g_i (log P_ij + 1),          A = dO V^T
+#   softmax: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)
+#     sum_k P_ik dP_ik = D_i + g_i (H_i - 1),                                     D_i = sum_k P_ik A_ik
+#   => dS_ij = P_ij (A_ij - D_i) - g_i P_ij (log P_ij + H_i)
+#      (the entropy term is d(H_i)/d(S_ij) = -P_ij (log P_ij + H_i), weighted by g_i)
+#   dQ = scale * dS K,  dK = scale * dS^T Q.
+# D_i is taken from A and P inside the kernel (not as rowsum(dO * O)) so O need not be saved, and
+# P = exp(S - lse) is recomputed from the saved log-sum-exp. The block-diagonal mask makes P (hence
+# dS) zero across tokens, so the tile-wide products only sum within each token.
+@triton.jit
+def _small_attention_bwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    d_out_ptr,
+    d_entropy_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    N,
+    L,
+    DH,
+    stride_qn,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kn,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vn,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_don,
+    stride_dol,
+    stride_doh,
+    stride_dod,
+    stride_sn,
+    stride_sh,
+    stride_sl,
+    stride_dsn,
+    stride_dsh,
+    stride_dsl,
+    stride_gn,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    scale,
+    BLOCK_M: tl.constexpr,
+    L_PAD: tl.constexpr,
+    DH_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    HAS_D_ENTROPY: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    token, position, row_valid, col_visible = _tile_rows(pid_m, N, L, BLOCK_M, L_PAD)
+    d = tl.arange(0, DH_PAD)
+    mask = row_valid[:, None] & (d < DH)[None, :]
+
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qn + position[:, None] * stride_ql + head * stride_qh + d[None, :] * stride_qd,
+        mask=mask,
+        other=0.0,
+    )
+    k = tl.load(
+        k_ptr + token[:, None] * stride_kn + position[:, None] * stride_kl + head * stride_kh + d[None, :] * stride_kd,
+        mask=mask,
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr + token[:, None] * stride_vn + position[:, None] * stride_vl + head * stride_vh + d[None, :] * stride_vd,
+        mask=mask,
+        other=0.0,
+    )
+    d_out = tl.load(
+        d_out_ptr
+        + token[:, None] * stride_don
+        + position[:, None] * stride_dol
+        + head * stride_doh
+        + d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
+    lse = tl.load(lse_ptr + token * stride_sn + head * stride_sh + position * stride_sl, mask=row_valid, other=0.0)
+
+    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
+    # Padded rows get P = 0 too, so they add nothing to dK and dV.
+    visible = col_visible & row_valid[:, None]
+    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+    d_probs = _dot(d_out, tl.trans(v), PRECISION, INTERPRET)  # A = dO V^T
+    delta = tl.sum(probs * d_probs, axis=1)  # D_i
+    d_scores = probs * (d_probs - delta[:, None])
+    if HAS_D_ENTROPY:
+        d_entropy = tl.load(
+            d_entropy_ptr + token * stride_dsn + head * stride_dsh + position * stride_dsl,
+            mask=row_valid,
+            other=0.0,
+        ).to(tl.float32)
+        log_probs = tl.where(visible, scores - lse[:, None], 0.0)
+        entropy = -tl.sum(probs * log_probs, axis=1)
+        d_scores -= d_entropy[:, None] * probs * (log_probs + entropy[:, None])
+    d_scores = d_scores * scale
+
+    dv = _dot(tl.trans(_cast(probs, q.dtype, INTERPRET)), d_out, PRECISION, INTERPRET)
+    dq = _dot(_cast(d_scores, q.dtype, INTERPRET), k, PRECISION, INTERPRET)
+    dk = _dot(tl.trans(_cast(d_scores, q.dtype, INTERPRET)), q, PRECISION, INTERPRET)
+    # The gradients are allocated contiguous like q: one set of strides serves all three.
+    grad_offset = token[:, None] * stride_gn + position[:, None] * stride_gl + head * stride_gh + d[None, :] * stride_gd
+    tl.store(dq_ptr + grad_offset, _cast(dq, dq_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(dk_ptr + grad_offset, _cast(dk, dk_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(dv_ptr + grad_offset, _cast(dv, dv_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def _launch_params(q: torch.Tensor, direction: str) -> tuple[dict[str, int], int, int, int, str]:
+    """(config, BLOCK_M, L_PAD, DH_PAD, dot precision) for q [N, L, H, dh]."""
+    _, length, _, head_dim = q.shape
+    if not 1 <= length <= MAX_L:
+        raise ValueError(f"small_attention: L={length} is not supported by the Triton kernel; expected 1 <= L <= 64")
+    if q.dtype not in _DTYPE_KEY:
+        raise ValueError(f"small_attention: unsupported dtype {q.dtype}; expected float32, bfloat16 or float16")
+    return _shape_params(direction, _DTYPE_KEY[q.dtype], length, head_dim)
+
+
+def _shape_params(
+    direction: str, dtype_key: str, length: int, head_dim: int
+) -> tuple[dict[str, int], int, int, int, str]:
+    l_pad = triton.next_power_of_2(length)
+    tiers = CONFIGS[direction][dtype_key]
+    config = tiers[min(t for t in tiers if t >= l_pad)]
+    # tl.dot needs every dimension >= 16.
+    dh_pad = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(config["BLOCK_M"], l_pad)
+    precision = "ieee" if dtype_key == "fp32" else "tf32"  # ignored for bf16/fp16 operands
+    return config, block_m, l_pad, dh_pad, precision
+
+
+@torch.library.custom_op("moc_kernels::small_attention_fwd", mutates_args=())
+def small_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: q, k, v [N, L, H, dh] (any strides) -> out [N, L, H, dh] (q.dtype), entropy, lse [N, H, L] fp32."""
+    num_tokens, length, heads, head_dim = q.shape
+    out = _empty((num_tokens, length, heads, head_dim), q.dtype, q.device)
+    entropy = _empty((num_tokens, heads, length), torch.float32, q.device)
+    lse = _empty((num_tokens, heads, length), torch.float32, q.device)
+    if q.numel() == 0:
+        return out, entropy, lse
+    config, block_m, l_pad, dh_pad, precision = _launch_params(q, "fwd")
+    grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
+    _small_attention_fwd[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        entropy,
+        num_tokens,
+        length,
+        head_dim,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *lse.stride(),
+        1.0 / math.sqrt(head_dim),
+        BLOCK_M=block_m,
+        L_PAD=l_pad,
+        DH_PAD=dh_pad,
+        PRECISION=precision,
+        INTERPRET=backend.interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return out, entropy, lse
+
+
+@small_attention_fwd.register_fake
+def _(q, k, v):
+    num_tokens, length, heads, _ = q.shape
+    rows = q.new_empty((num_tokens, heads, length), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("moc_kernels::small_attention_bwd", mutates_args=())
+def small_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    d_entropy: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: gradients of q, k, v [N, L, H, dh] (q.dtype, contiguous) from d_out [N, L, H, dh]
+    and d_entropy [N, H, L] (None: the entropy was not used)."""
+    num_tokens, length, heads, head_dim = q.shape
+    dq, dk, dv = (_empty((num_tokens, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
+    if q.numel() == 0:
+        return dq, dk, dv
+    config, block_m, l_pad, dh_pad, precision = _launch_params(q, "bwd")
+    d_out = d_out.to(q.dtype)  # autograd hands the output's dtype; this only guards odd callers
+    has_d_entropy = d_entropy is not None
+    d_entropy_arg = d_entropy if has_d_entropy else lse  # a valid pointer the kernel never reads
+    grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
+    _small_attention_bwd[grid](
+        q,
+        k,
+        v,
+        lse,
+        d_out,
+        d_entropy_arg,
+        dq,
+        dk,
+        dv,
+        num_tokens,
+        length,
+        head_dim,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *d_out.stride(),
+        *lse.stride(),
+        *d_entropy_arg.stride(),
+        *dq.stride(),
+        1.0 / math.sqrt(head_dim),
+        BLOCK_M=block_m,
+        L_PAD=l_pad,
+        DH_PAD=dh_pad,
+        PRECISION=precision,
+        INTERPRET=backend.interpreting(),
+        HAS_D_ENTROPY=has_d_entropy,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return dq, dk, dv
+
+
+@small_attention_bwd.register_fake
+def _(q, k, v, lse, d_out, d_entropy):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    _, _, lse = output
+    ctx.save_for_backward(q, k, v, lse)
+
+
+def _backward(ctx, d_out, d_entropy, _d_lse):
+    q, k, v, lse = ctx.saved_tensors
+    if d_out is None:
+        d_out = torch.zeros_like(q)
+    return small_attention_bwd(q, k, v, lse, d_out, d_entropy)
+
+
+small_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def small_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each of the L vectors of a token over all L of them, per head.
+
+    q, k, v: [N, L, H, dh] fp32|bf16|fp16, any strides, 1 <= L <= 64, any dh; scale 1/sqrt(dh);
+    fp32 accumulation. Returns out [N, L, H, dh] in q's dtype and, with ``return_entropy``, the
+    entropy [N, H, L] fp32 (nats) of every softmax row; both differentiable. Saves q, k, v and the
+    per-row log-sum-exp [N, H, L] fp32 for backward.
+    """
+    out, entropy, _ = small_attention_fwd(q, k, v)
+    return (out, entropy) if return_entropy else out
+
+
+def compile_specs() -> list[KernelSpec]:
+    """One KernelSpec per kernel x shipped (dtype, L, dh) of SHIPPED_SHAPES, with its config from CONFIGS."""
+    specs = []
+    for direction, kernel in (("fwd", _small_attention_fwd), ("bwd", _small_attention_bwd)):
+        for dtype_key, length, head_dim in SHIPPED_SHAPES:
+            config, block_m, l_pad, dh_pad, precision = _shape_params(direction, dtype_key, length, head_dim)
+            constexprs = {
+                "BLOCK_M": block_m,
+                "L_PAD": l_pad,
+                "DH_PAD": dh_pad,
+                "PRECISION": precision,
+                "INTERPRET": False,
+            }
+            if direction == "bwd":
+                constexprs["HAS_D_ENTROPY"] = True
+            signature = {}
+            for name in kernel.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name in ("lse_ptr", "entropy_ptr", "d_entropy_ptr"):
+                    signature[name] = "*fp32"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*" + dtype_key
+                elif name == "scale":
+                    signature[name] = "fp32"
+                else:
+                    signature[name] = "i32"
+            warps, stages = config["num_warps"], config["num_stages"]
+            specs.append(
+                KernelSpec(
+                    kernel=kernel.__name__,
+                    config=f"L{length}-dh{head_dim}-BM{block_m}-w{warps}-s{stages}-{dtype_key}",
+                    fn=kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    num_warps=warps,
+                    num_stages=stages,
+                    matmul=dtype_key != "fp32",
+                )
+            )
+    return specs
