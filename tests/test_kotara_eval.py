@@ -33,13 +33,16 @@ def workspace(tmp_path_factory):
     }
 
 
-def _load(workspace, names):
+def _load(workspace, names, max_tokens=None):
+    """Tokenizer, models and text; ``max_tokens`` keeps only the text's first tokens (faster tests)."""
     tokenizer = loading.load_tokenizer(str(workspace["a"]))
     models = [
         loading.load_model(str(workspace[n]), loading.model_label(i), torch.device("cpu"), torch.float32)
         for i, n in enumerate(names)
     ]
     text = loading.tokenize_file(tokenizer, str(workspace["text"]))
+    if max_tokens is not None:
+        text.token_ids = text.token_ids[:max_tokens]
     return tokenizer, models, text
 
 
@@ -99,11 +102,11 @@ def _token_by_token(model, ids, vocab_size, context_start):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("stride", [1, 5])
-def test_small_stride_scores_each_token_once_like_token_by_token(workspace, stride):
-    tokenizer, models, text = _load(workspace, ["a", "b"])
-    ids = text.token_ids[: 2 * MAX_LENGTH + 3]
-    text.token_ids = ids
+@pytest.mark.parametrize(("stride", "num_tokens"), [(1, MAX_LENGTH + 6), (5, 2 * MAX_LENGTH + 3)])
+def test_small_stride_scores_each_token_once_like_token_by_token(workspace, stride, num_tokens):
+    # num_tokens > MAX_LENGTH + 1: later targets see a context cut to the last MAX_LENGTH tokens.
+    tokenizer, models, text = _load(workspace, ["a", "b"], max_tokens=num_tokens)
+    ids = text.token_ids
     result = _run(models, text, tokenizer, stride=stride)
     assert result.tokens == len(ids) - 1
 
@@ -138,7 +141,7 @@ def test_fusing_a_model_with_itself_gives_its_own_ppl_for_every_strategy(workspa
 
 
 def test_strategy_all_equals_each_strategy_alone(workspace):
-    tokenizer, models, text = _load(workspace, ["a", "b"])
+    tokenizer, models, text = _load(workspace, ["a", "b"], max_tokens=3 * MAX_LENGTH)
     temps = [0.85, 1.1]
     together = _run(models, text, tokenizer, stride=7, strategies=mk.STRATEGIES, batch_size=3, temperatures=temps)
     for strategy in mk.STRATEGIES:
@@ -154,7 +157,7 @@ def test_strategy_all_equals_each_strategy_alone(workspace):
 
 @pytest.mark.parametrize("batch_size", [2, 5])
 def test_batched_windows_equal_unbatched(workspace, batch_size):
-    tokenizer, models, text = _load(workspace, ["a", "b"])
+    tokenizer, models, text = _load(workspace, ["a", "b"], max_tokens=3 * MAX_LENGTH)
     # stride < max_length: the first windows are shorter than the rest, so batches are padded.
     one = _run(models, text, tokenizer, stride=6, strategies=mk.STRATEGIES, batch_size=1)
     many = _run(models, text, tokenizer, stride=6, strategies=mk.STRATEGIES, batch_size=batch_size)
