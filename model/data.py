@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -227,8 +226,8 @@ def prepare(
             bar.update(len(chunk))
     for w in writers.values():
         w.close()
-    # Tiny inputs may hash every document into one split: move the last document across so both exist.
-    for split, other in (("train", "val"), ("val", "train")):
+    # Tiny inputs may hash every document into one split: say so rather than train or validate on nothing.
+    for split in ("train", "val"):
         if writers[split].tokens == 0:
             raise DataError(
                 f"the {split} split is empty ({len(documents)} document(s), val_fraction={val_fraction}); "

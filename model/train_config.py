@@ -116,7 +116,9 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if isinstance(tp, type):
-        return {"int": "integer", "float": "number", "bool": "true/false", "str": "string"}.get(tp.__name__, tp.__name__)
+        return {"int": "integer", "float": "number", "bool": "true/false", "str": "string"}.get(
+            tp.__name__, tp.__name__
+        )
     return str(tp)
 
 
@@ -171,7 +173,9 @@ def _check_keys(section: str, given: dict[str, Any], hints: dict[str, Any]) -> d
     for key, value in given.items():
         full = f"{section}{key}"
         if not isinstance(key, str) or key not in hints:
-            raise ConfigError(f"unknown {section.rstrip('.') or 'config'} key {full!r}" + _did_you_mean(str(key), list(hints)))
+            raise ConfigError(
+                f"unknown {section.rstrip('.') or 'config'} key {full!r}" + _did_you_mean(str(key), list(hints))
+            )
         out[key] = _coerce(full, value, hints[key])
     return out
 

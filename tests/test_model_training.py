@@ -1,0 +1,223 @@
+"""model.training / model.checkpoint: the loop learns, resume is exact, NaN stops, 2 gloo ranks = 1 process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, prune
+from model.data import prepare
+from model.train_config import TrainConfig, config_from_dict
+from model.training import NonFiniteLossError, lr_at, make_optimizer, train
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [
+    "the",
+    "a",
+    "expert",
+    "router",
+    "token",
+    "layer",
+    "model",
+    "loss",
+    "gradient",
+    "attention",
+    "returns",
+    "value",
+    "list",
+    "string",
+    "file",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and never spins against the other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _documents(n: int = 120) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    return [
+        " ".join(f"The {rng.choice(WORDS)} takes a {rng.choice(WORDS)}." for _ in range(rng.randint(4, 10)))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare(_documents(), out, vocab_size=300, val_fraction=0.2, progress=False)
+    return out
+
+
+def tiny_raw(data_dir: Path, out_dir: Path, **overrides) -> dict:
+    """A raw config mapping for a ~30k-parameter MoC model (fast on a loaded 2-core CPU)."""
+    raw = {
+        "model": {
+            "d_model": 32,
+            "n_layers": 1,
+            "n_heads": 2,
+            "vocab_size": 300,
+            "multiple_of": 16,
+            "ffn_hidden_multiplier": 2.0,
+            "max_seq_len": 16,
+            "n_experts": 4,
+            "top_k": 2,
+            "moc_heads": 2,
+        },
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "max_steps": 6,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "eval_interval": 3,
+        "eval_batches": 2,
+        "log_interval": 1,
+        "save_interval": 3,
+        "keep_checkpoints": 5,
+        "export_hf": False,
+        "wandb_project": None,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    for key, value in overrides.items():
+        if key == "model":
+            raw["model"] = raw["model"] | value
+        else:
+            raw[key] = value
+    return raw
+
+
+def losses(result) -> list[float]:
+    return [r["loss/main"] for r in result.history if "loss/main" in r]
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_weight_decay_on_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # bias, norm weight and bias
+
+
+def test_checkpoint_atomic_and_pruned(tmp_path: Path):
+    for step in (1, 2, 3, 4):
+        atomic_save({"step": step}, tmp_path / "checkpoints" / f"step_{step:08d}.pt")
+    (tmp_path / "checkpoints" / ".step_00000005.pt.123.tmp").write_bytes(b"half")  # a crashed write
+    assert latest_checkpoint(tmp_path).name == "step_00000004.pt"
+    prune(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+
+
+def test_tiny_run_learns_logs_and_checkpoints(data_dir: Path, tmp_path: Path):
+    cfg = config_from_dict(
+        tiny_raw(data_dir, tmp_path, max_steps=30, eval_interval=15, save_interval=10, keep_checkpoints=2)
+    )
+    result = train(cfg, progress=False)
+    assert result.steps == 30
+    assert result.val_loss_end < result.val_loss_start - 1.0  # clearly learning on this repetitive text
+    records = read_metrics(tmp_path)
+    assert records == result.history and [r["step"] for r in records] == list(range(31))
+    train_rec = records[5]
+    for key in ("loss/main", "loss/aux", "perplexity", "lr", "grad_norm", "tokens_per_sec"):
+        assert math.isfinite(train_rec[key]), key
+    assert train_rec["perplexity"] == pytest.approx(math.exp(train_rec["loss/main"]))
+    assert len(train_rec["layer0/expert_load"]) == 4 and sum(train_rec["layer0/expert_load"]) == pytest.approx(1.0)
+    assert 0 <= train_rec["layer0/collab_entropy"] <= math.log(2) + 1e-6
+    assert "val/loss" in records[15] and "val/perplexity" in records[30]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000020.pt", "step_00000030.pt"]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+
+
+def test_resume_gives_exactly_the_same_losses(data_dir: Path, tmp_path: Path):
+    raw = tiny_raw(data_dir, tmp_path / "full", model={"dropout": 0.1})  # dropout: the RNG state must be restored
+    full = train(config_from_dict(raw), progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(step: int) -> None:
+        if step == 4:
+            raise Interrupt
+
+    raw_cut = raw | {"out_dir": str(tmp_path / "cut")}
+    with pytest.raises(Interrupt):  # steps 1-4 run, the checkpoint of step 3 is the latest
+        train(config_from_dict(raw_cut), progress=False, on_step=stop_at_4)
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000003.pt"
+    train(config_from_dict(raw_cut), resume=True, progress=False)
+    resumed = [r["loss/main"] for r in read_metrics(tmp_path / "cut") if "loss/main" in r]
+    assert len(resumed) == len(losses(full)) == 6
+    assert torch.equal(torch.tensor(resumed, dtype=torch.float64), torch.tensor(losses(full), dtype=torch.float64))
+    assert read_metrics(tmp_path / "cut")[-1]["val/loss"] == full.history[-1]["val/loss"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch):
+    from model.lm import LunarisLM
+
+    original = LunarisLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, input_ids, targets=None, **kwargs):
+        out = original(self, input_ids, targets, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # 2 micro-batches per step: the 5th step's loss is NaN
+                out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(LunarisLM, "forward", poisoned)
+    cfg = config_from_dict(tiny_raw(data_dir, tmp_path, save_interval=2))
+    with pytest.raises(NonFiniteLossError, match="at step 5"):
+        train(cfg, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
+    state = torch.load(latest_checkpoint(tmp_path), weights_only=False)["model"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path):
+    """torchrun, 2 CPU processes (gloo) with batch 2 each == 1 process with batch 4 (same global batch).
+
+    aux_loss_weight 0: the balance loss is a nonlinear function of per-batch routing statistics, so with
+    it on, per-rank aux losses differ (by design, as in every data-parallel MoE) from the global one.
+    """
+    model = {"aux_loss_weight": 0.0}
+    single = train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", model=model)), progress=False)
+    raw = tiny_raw(data_dir, tmp_path / "two", model=model, batch_size=2)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(REPO / "train_moe.py"), str(tmp_path / "two.yaml"), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [r["loss/main"] for r in read_metrics(tmp_path / "two") if "loss/main" in r]
+    assert len(two) == 6
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(losses(single)), rtol=1e-5, atol=1e-6)
+    assert proc.stdout.count("[train] done") == 1  # only rank 0 speaks
