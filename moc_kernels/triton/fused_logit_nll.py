@@ -129,28 +129,6 @@ def _model_stats_kernel(
 
 
 @triton.jit
-def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The i-th of eight arguments, chosen at compile time (i is a constexpr)."""
-    if i == 0:
-        result = a0
-    elif i == 1:
-        result = a1
-    elif i == 2:
-        result = a2
-    elif i == 3:
-        result = a3
-    elif i == 4:
-        result = a4
-    elif i == 5:
-        result = a5
-    elif i == 6:
-        result = a6
-    else:
-        result = a7
-    return result
-
-
-@triton.jit
 def _fused_lse_kernel(
     p0,  # the models' logits [N, V] fp32|bf16|fp16, unit column stride; only the first M are read
     p1,
@@ -190,8 +168,24 @@ def _fused_lse_kernel(
         # S strategies: fused[s, v] = sum_i coef[s, i] logits_i[v].
         fused = tl.full((S_PAD, BLOCK_V), 0.0, tl.float32)
         for i in tl.static_range(M):
-            ptr = _pick(i, p0, p1, p2, p3, p4, p5, p6, p7)
-            stride = _pick(i, r0, r1, r2, r3, r4, r5, r6, r7)
+            # i is a constexpr: the compiler keeps one branch (inline, not a helper function, because
+            # the interpreter pays ~ms per nested @jit call).
+            if i == 0:
+                ptr, stride = p0, r0
+            elif i == 1:
+                ptr, stride = p1, r1
+            elif i == 2:
+                ptr, stride = p2, r2
+            elif i == 3:
+                ptr, stride = p3, r3
+            elif i == 4:
+                ptr, stride = p4, r4
+            elif i == 5:
+                ptr, stride = p5, r5
+            elif i == 6:
+                ptr, stride = p6, r6
+            else:
+                ptr, stride = p7, r7
             x = tl.load(ptr + row * stride + offs, mask=in_vocab, other=0.0).to(tl.float32)
             # Padding rows get coefficient 1, not 0: 0 * (-inf) would be NaN (harmless, never stored).
             coef = tl.load(coef_ptr + (strategies * M + i) * num_rows + row, mask=strategy_ok, other=1.0)
@@ -269,6 +263,14 @@ def fused_logit_nll_op(
     if num_rows == 0:  # nothing to launch
         empty = torch.empty((num_models, 0), dtype=torch.float32, device=device)
         return empty.new_empty((len(strategies), 0)), empty.new_empty((len(strategies), num_models, 0)), empty
+    vocab_size = logits[0].shape[1]
+    # Checked here, inside the op, so that torch.compile sees no data-dependent branch.
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if bad.any():
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"fused_logit_nll: target {value} out of range; expected {IGNORE_INDEX} or 0..{vocab_size - 1}"
+        )
     logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
     targets = targets.contiguous()
     stats = _empty((4, num_models, num_rows), torch.float32, device)
@@ -318,7 +320,7 @@ def fused_logit_nll_multi(
     logits: M (2..8) tensors [N, V] fp32|bf16|fp16; targets: [N] int64, -100 = ignore, else in [0, V).
     Returns {strategy: FusedNLL(nll [N], weights [M, N], entropy [M, N])}, all fp32.
     """
-    num_models, vocab_size = len(logits), logits[0].shape[-1]
+    num_models = len(logits)
     if num_models > MAX_MODELS:
         raise ValueError(f"fused_logit_nll (triton): at most {MAX_MODELS} models, got {num_models}")
     for strategy in strategies:
@@ -326,12 +328,6 @@ def fused_logit_nll_multi(
             raise ValueError(f"fused_logit_nll: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if targets.dtype != torch.int64:
         raise ValueError(f"fused_logit_nll: targets must be int64, got {targets.dtype}")
-    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
-    if bad.any():
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"fused_logit_nll: target {value} out of range; expected {IGNORE_INDEX} or 0..{vocab_size - 1}"
-        )
     temps = [float(t) for t in temperatures] if temperatures is not None else [1.0] * num_models
     fixed = [float(w) for w in weights] if weights is not None else [1.0 / num_models] * num_models
     unique = list(dict.fromkeys(strategies))
