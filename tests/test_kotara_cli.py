@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kotara_support import build_gpt2, build_tokenizer, write_corpus
+from test_kotara_support import build_gpt2, build_tokenizer, one_torch_thread, write_corpus  # noqa: F401
 
 import moc_kernels as mk
 from kotara.cli import main

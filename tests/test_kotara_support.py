@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from kotara import demo
@@ -19,6 +20,19 @@ _WORD_LINE = (
     "expert window stride entropy gap average mixture product length loss value"
 )
 WORDS = _WORD_LINE.split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one thread, then restore the setting.
+
+    Measured on this project's shared 2-core machine under load: a tiny GPT-2 forward took 220 ms with
+    2 intra-op threads (they spin against each other and other processes) and 11 ms with 1.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def write_corpus(path: Path, num_lines: int = 12, seed: int = 0) -> Path:
