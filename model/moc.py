@@ -27,6 +27,39 @@ class MoCOutput(NamedTuple):
     collab_entropy: torch.Tensor  # scalar fp32, mean entropy (nats) of the collab attention rows (detached)
 
 
+def expert_fractions(top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """f_e: fraction of the N*k (token, slot) assignments that chose expert e.
+
+    top_idx: [N, k] int64 -> [E] fp32. Counted with scatter_add (bincount would sync with the host
+    to size its output).
+    """
+    counts = torch.zeros(num_experts, device=top_idx.device, dtype=torch.float32)
+    counts.scatter_add_(0, top_idx.reshape(-1), torch.ones(top_idx.numel(), device=top_idx.device))
+    return counts / max(top_idx.numel(), 1)
+
+
+def switch_balance_loss(expert_load: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """L_bal = E * sum_e f_e * P_e with P_e = mean_n p[n, e] (Switch Transformer).
+
+    expert_load: [E] fp32 (no gradient flows through f, as in Switch); probs: [N, E] fp32 rows of
+    softmax(route_logits). Scalar fp32; 1 when p is uniform, larger when load and probability
+    concentrate on the same experts.
+    """
+    return probs.shape[-1] * (expert_load * probs.mean(dim=0)).sum()
+
+
+def normalised_diversity_loss(collab_entropy: torch.Tensor, k: int) -> torch.Tensor:
+    """L_div = -mean(collab attention entropy) / log k, in [-1, 0]; 0 for k = 1.
+
+    collab_entropy: [N, H, k] (nats) of every collab softmax row. Minimising L_div pushes the k
+    collaborators to attend broadly to each other. For k = 1 the only row is [1] (entropy 0) and
+    log k = 0, so the loss is defined as 0 (kept attached to the graph for a uniform code path).
+    """
+    if k > 1:
+        return -collab_entropy.float().mean() / math.log(k)
+    return collab_entropy.float().sum() * 0.0
+
+
 class SmallMHA(nn.Module):
     """Multi-head self-attention among the L vectors of each token (its own q/k/v/o projections)."""
 
@@ -73,7 +106,7 @@ class CollaborativeExpertsModule(nn.Module):
         """x: [B, T, D] fp32|bf16|fp16 -> MoCOutput (losses and stats fp32)."""
         batch, seq, dim = x.shape
         tokens = x.reshape(batch * seq, dim)
-        num_tokens, k = tokens.shape[0], self.top_k
+        k = self.top_k
 
         # 1. every expert on every token: [N, E, D]
         expert_outputs = mk.expert_swiglu(tokens, self.w13[..., : self.hidden], self.w13[..., self.hidden :], self.w2)
@@ -99,16 +132,10 @@ class CollaborativeExpertsModule(nn.Module):
         combined = (top_weights.unsqueeze(-1) * refined.float()).sum(dim=1).to(x.dtype)
         out = self.out_proj(combined).view(batch, seq, dim)
 
-        # 7. balance loss E * sum_e f_e P_e; f_e by scatter_add (no host sync, unlike bincount)
-        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.float32)
-        counts.scatter_add_(0, top_idx.reshape(-1), torch.ones(num_tokens * k, device=x.device))
-        expert_load = counts / (num_tokens * k)
-        balance_loss = self.num_experts * (expert_load * probs.mean(dim=0)).sum()
-        collab_entropy = collab_entropy.float()
-        if k > 1:
-            diversity_loss = -collab_entropy.mean() / math.log(k)
-        else:  # one collaborator: the attention row is [1], its entropy 0, and log k = 0
-            diversity_loss = collab_entropy.sum() * 0.0
+        # 7. auxiliary losses and stats
+        expert_load = expert_fractions(top_idx, self.num_experts)
+        balance_loss = switch_balance_loss(expert_load, probs)
+        diversity_loss = normalised_diversity_loss(collab_entropy, k)
         router_entropy = -(probs * log_probs).sum(dim=-1).mean()
         return MoCOutput(
             out,
@@ -116,5 +143,5 @@ class CollaborativeExpertsModule(nn.Module):
             diversity_loss,
             expert_load.detach(),
             router_entropy.detach(),
-            collab_entropy.mean().detach(),
+            collab_entropy.float().mean().detach(),
         )
