@@ -26,10 +26,9 @@ def _seed() -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from benchmarks.timing import cpu_model_name
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         where = f"CUDA: {torch.cuda.get_device_name()}"
     else:
         where = f"CPU only ({cpu_model_name()}, {torch.get_num_threads()} threads): Triton cases are skipped"
-    return [
-        f"benchmarks on {where}; shape {shape_for(torch.device('cuda' if torch.cuda.is_available() else 'cpu')).describe()}"
-    ]
+    return [f"benchmarks on {where}; shape {shape_for(torch.device('cuda' if cuda else 'cpu')).describe()}"]

@@ -11,6 +11,7 @@ of expert FFNs runs.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,34 @@ def moc_layer(
     balance = E * (load * route_probs.mean(0)).sum()
     diversity = -collab_entropy.float().mean() / math.log(k) if k > 1 else route_logits.new_zeros(())
     return out, balance + diversity
+
+
+def model_config(shape: BenchShape, **overrides: Any) -> Any:
+    """The model's ModelConfig whose MoC layer has ``shape``'s D, H, E, k and F."""
+    from model.config import ModelConfig
+
+    config = ModelConfig(
+        d_model=shape.dim,
+        n_heads=shape.heads,
+        n_experts=shape.experts,
+        top_k=shape.top_k,
+        multiple_of=64,
+        ffn_hidden_multiplier=4.0,
+        **overrides,
+    )
+    assert config.ffn_hidden == shape.hidden, (config.ffn_hidden, shape.hidden)
+    return config
+
+
+def build_moc_module(shape: BenchShape, device: torch.device | str) -> torch.nn.Module:
+    """The model's CollaborativeExpertsModule at ``shape``, random weights (std 0.02), in ``shape.dtype``."""
+    from model.moc import CollaborativeExpertsModule
+
+    module = CollaborativeExpertsModule(model_config(shape)).to(device)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return module.to(shape.dtype)

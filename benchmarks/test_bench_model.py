@@ -1,0 +1,194 @@
+"""Timings of the whole MoC layer, a training step, and Kotara's fusion step and evaluation.
+
+- ``test_moc_layer``: the model's ``CollaborativeExpertsModule`` forward+backward as reference,
+  ``torch.compile`` and Triton.
+- ``test_moc_layer_vs_loop``: the functional layer of ``benchmarks.moc_layer`` with the vectorised
+  ``expert_swiglu`` reference vs a ``for e in range(E)`` loop over experts (same code otherwise).
+- ``test_training_step``: forward, backward and AdamW step of a small LunarisLM (tokens/s).
+- ``test_kotara_fusion_step``: what ``kotara.evaluate`` does per batch after the forwards
+  (``token_stats`` and every strategy of ``fused_logit_nll_multi``).
+- ``test_kotara_evaluation``: ``kotara.evaluate`` end to end with two random GPT-2 models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import moc_kernels
+from benchmarks.impls import IMPLS, compiled, require_triton
+from benchmarks.moc_layer import build_moc_module, init_params, moc_layer, model_config
+from benchmarks.shapes import BenchShape
+from benchmarks.timing import forward_backward, measure
+
+
+def _backend(impl: str) -> str:
+    return "triton" if impl == "triton" else "reference"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moc_layer(benchmark, device, shape, impl):
+    """Forward + backward (out and the aux losses) of the model's MoC layer."""
+    if impl == "triton":
+        require_triton(device)
+    module = build_moc_module(shape, device)
+    forward = compiled(module) if impl == "compile" else module
+    backend = _backend(impl)
+
+    def layer(x):
+        with moc_kernels.use_backend(backend):
+            result = forward(x)
+        return result.out, result.balance_loss + result.diversity_loss
+
+    def step(x, grads):
+        out, aux = layer(x)
+        wrt = [x, *module.parameters()]
+        return torch.autograd.grad([out, aux], wrt, [grads, torch.ones_like(aux)])
+
+    sets = []
+    for _ in range(3 if device.type == "cuda" else 2):
+        x = torch.randn(1, shape.tokens, shape.dim, device=device, dtype=shape.dtype, requires_grad=True)
+        sets.append((x, torch.randn_like(x)))
+    measure(
+        benchmark, step, sets, device, shape.tokens, op="moc_layer", impl=impl, pass_="fwd+bwd", shape=shape.describe()
+    )
+    benchmark.group = "moc_layer fwd+bwd"
+
+
+@pytest.mark.parametrize("impl", ["reference", "loop"])
+def test_moc_layer_vs_loop(benchmark, device, shape, impl):
+    """Vectorised reference vs a per-expert Python loop, in the same functional layer."""
+    params = init_params(shape, device)
+
+    def layer(x, *_):
+        with moc_kernels.use_backend("reference"):
+            return moc_layer(x, params, shape, loop_experts=impl == "loop")
+
+    run = forward_backward(lambda x: layer(x))
+    sets = []
+    for _ in range(2):
+        x = torch.randn(shape.tokens, shape.dim, device=device, dtype=shape.dtype, requires_grad=True)
+        sets.append((x, (torch.randn_like(x), torch.ones((), device=device))))
+    measure(
+        benchmark, run, sets, device, shape.tokens, op="moc_layer_functional", impl=impl, pass_="fwd+bwd",
+        shape=shape.describe(),
+    )  # fmt: skip
+    benchmark.group = "moc_layer_functional fwd+bwd"
+
+
+def _training_setup(shape: BenchShape, device: torch.device):
+    """(config, batch, seq): tiny model on CPU, a GPT-2-small-sized MoC model on CUDA."""
+    if device.type == "cuda":
+        return model_config(shape, n_layers=12, vocab_size=shape.vocab, max_seq_len=1024), 8, 1024
+    return model_config(shape, n_layers=2, vocab_size=shape.vocab, max_seq_len=64), 2, 64
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_training_step(benchmark, device, shape, impl):
+    """One optimizer step: forward (main + aux loss), backward, AdamW; bf16 autocast on CUDA as the trainer does."""
+    from model.lm import LunarisLM
+
+    if impl == "triton":
+        require_triton(device)
+    config, batch, seq = _training_setup(shape, device)
+    config.kernels = _backend(impl)
+    model = LunarisLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    forward = compiled(model) if impl == "compile" else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step(input_ids, targets):
+        with autocast:
+            out = forward(input_ids, targets)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sets = []
+    for _ in range(2):
+        ids = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
+        sets.append((ids[:, :-1], ids[:, 1:]))
+    measure(
+        benchmark, step, sets, device, batch * seq, op="training_step", impl=impl, pass_="step",
+        shape=f"LunarisLM d={config.d_model} L={config.n_layers} E={config.n_experts} B={batch} T={seq}",
+    )  # fmt: skip
+    benchmark.group = "training_step"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kotara_fusion_step(benchmark, device, shape, impl):
+    """Per batch after the forwards: similarity stats and all strategies in one fused pass."""
+    from kotara.similarity import token_stats
+
+    if impl == "triton":
+        require_triton(device, "fused_logit_nll")
+    fuse = (
+        compiled(moc_kernels.reference.fused_logit_nll_multi)
+        if impl == "compile"
+        else moc_kernels.fused_logit_nll_multi
+    )
+    strategies = list(moc_kernels.STRATEGIES)
+
+    def step(logits, targets):
+        with moc_kernels.use_backend(_backend(impl)):
+            return token_stats(logits, targets), fuse(logits, targets, strategies, [1.0] * len(logits), None)
+
+    sets = []
+    for _ in range(2):
+        logits = [
+            torch.randn(shape.tokens, shape.vocab, device=device, dtype=shape.dtype) * 3 for _ in range(shape.models)
+        ]
+        sets.append((logits, torch.randint(0, shape.vocab, (shape.tokens,), device=device)))
+    with torch.no_grad():
+        measure(
+            benchmark, step, sets, device, shape.tokens, op="kotara_fusion_step", impl=impl, pass_="fwd",
+            shape=shape.describe(),
+        )  # fmt: skip
+    benchmark.group = "kotara_fusion_step"
+
+
+def _gpt2(vocab: int, width: int, layers: int, heads: int, positions: int, seed: int, device, dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads)
+    return GPT2LMHeadModel(config).to(device=device, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kotara_evaluation(benchmark, device, shape, impl):
+    """``kotara.evaluate`` with two random GPT-2 models (GPT-2 small on CUDA), all strategies; tokens/s.
+
+    compile = both models' forwards under ``torch.compile``; the fusion backend follows ``impl``.
+    """
+    from kotara.evaluate import FusionSpec, evaluate
+    from kotara.loading import LoadedModel
+    from kotara.windows import rolling_windows
+
+    if impl == "triton":
+        require_triton(device, "fused_logit_nll")
+    if device.type == "cuda":
+        width, layers, heads, max_length, num_tokens, batch = 768, 12, 12, 1024, 16385, 8
+    else:
+        width, layers, heads, max_length, num_tokens, batch = 64, 2, 2, 64, 257, 4
+    models = []
+    for i in range(shape.models):
+        module = _gpt2(shape.vocab, width, layers, heads, max_length, i, device, shape.dtype)
+        runner = compiled(module) if impl == "compile" else module
+        models.append(LoadedModel(chr(ord("a") + i), f"random-gpt2-{i}", runner, device, shape.dtype, shape.vocab))
+    strategies = list(moc_kernels.STRATEGIES)
+    spec = FusionSpec(strategies, [1.0] * len(models), [1.0 / len(models)] * len(models), [1.0] * len(models))
+    windows = rolling_windows(num_tokens, max_length, max_length)
+
+    def run(token_ids):
+        with moc_kernels.use_backend(_backend(impl)):
+            return evaluate(models, token_ids, num_tokens * 4, windows, spec, batch_size=batch)
+
+    sets = [(torch.randint(0, shape.vocab, (num_tokens,)),) for _ in range(2)]
+    measure(
+        benchmark, run, sets, device, num_tokens - 1, op="kotara_evaluation", impl=impl, pass_="fwd",
+        shape=f"2 x GPT-2 d={width} L={layers} V={shape.vocab}, {num_tokens - 1} tokens, max_length={max_length}",
+    )  # fmt: skip
+    benchmark.group = "kotara_evaluation"
