@@ -50,17 +50,20 @@ def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, 
     for start in range(0, num_rows, step):
         rows = slice(start, min(start + step, num_rows))
         log_probs = [torch.log_softmax(lg[rows].float(), dim=-1) for lg in logits]
+        probs = [lp.exp() for lp in log_probs]
+        # Row sums in fp64: the JS divergence below is a difference of entropies (~ln V each).
+        neg_entropy = [(p * lp).sum(-1, dtype=torch.float64) for p, lp in zip(probs, log_probs)]
         target = targets[rows, None]
         for i, lp in enumerate(log_probs):
             nll[i, rows] = -lp.gather(1, target).squeeze(1)
-        top1 = [lp.argmax(-1) for lp in log_probs]
+        top1 = [lg[rows].argmax(-1) for lg in logits]
         for k, (i, j) in enumerate(pairs):
             agree[k, rows] = (top1[i] == top1[j]).float()
-            # JS = 1/2 KL(p_i || m) + 1/2 KL(p_j || m), m = (p_i + p_j)/2, log m by logaddexp (no underflow).
-            log_mid = torch.logaddexp(log_probs[i], log_probs[j]) - LN2
-            kl_i = (log_probs[i].exp() * (log_probs[i] - log_mid)).sum(-1)
-            kl_j = (log_probs[j].exp() * (log_probs[j] - log_mid)).sum(-1)
-            jsd[k, rows] = (0.5 * (kl_i + kl_j)).clamp_min(0.0)
+            # JS(p_i, p_j) = H(m) - (H(p_i) + H(p_j)) / 2 with m = (p_i + p_j) / 2: one log pass per pair
+            # (xlogy gives 0 log 0 = 0) instead of KL terms that need log m and two more products.
+            mid = (probs[i] + probs[j]).mul_(0.5)
+            entropy_mid = -torch.xlogy(mid, mid).sum(-1, dtype=torch.float64)
+            jsd[k, rows] = (entropy_mid + 0.5 * (neg_entropy[i] + neg_entropy[j])).clamp_min(0.0).float()
     return {"nll": nll, "agree": agree, "jsd": jsd}
 
 

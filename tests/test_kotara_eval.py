@@ -220,3 +220,25 @@ def test_gap_with_equal_top2_falls_back_to_equal_weights():
     result = mk.fused_logit_nll([a, b], torch.tensor([1]), "gap")
     assert result.weights[:, 0].tolist() == pytest.approx([0.5, 0.5])
     assert result.nll[0] == pytest.approx(-torch.log_softmax((a + b) / 2, -1)[0, 1].item(), rel=1e-6)
+
+
+def test_similarity_stats_match_their_definitions():
+    from kotara.similarity import pearson_from_sums, token_stats
+
+    a = torch.randn(40, 53) * 2
+    b = a + torch.randn(40, 53)  # similar, not identical
+    b[:5] = a[:5]  # identical rows: JS 0, same argmax
+    targets = torch.randint(0, 53, (40,))
+    stats = token_stats([a, b], targets)
+    pa, pb = a.double().softmax(-1), b.double().softmax(-1)
+    mid = (pa + pb) / 2
+    jsd = 0.5 * (pa * (pa / mid).log()).sum(-1) + 0.5 * (pb * (pb / mid).log()).sum(-1)
+    assert torch.allclose(stats["jsd"][0].double(), jsd, atol=1e-6)
+    assert (stats["jsd"][0, :5] <= 1e-6).all()  # a difference of ~ln(53) entropies: fp32 rounding
+    assert stats["agree"][0].tolist() == (a.argmax(-1) == b.argmax(-1)).float().tolist()
+    nll_a = torch.nn.functional.cross_entropy(a, targets, reduction="none")
+    assert torch.allclose(stats["nll"][0], nll_a, rtol=1e-6, atol=1e-6)
+    x, y = stats["nll"].double()
+    r = pearson_from_sums(40, x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum())
+    assert r == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), rel=1e-9)
+    assert math.isnan(pearson_from_sums(3, 3.0, 1.0, 3.0, 1.0, 1.0))  # constant x: undefined
