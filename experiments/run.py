@@ -243,6 +243,15 @@ def run_config(
         raise ExperimentError(f"train: {e}") from e
 
 
+def check_runs(cfg: dict[str, Any]) -> None:
+    """Build every run's TrainConfig once with placeholder paths: a bad key fails before any training."""
+    keys = arm_model_keys(cfg)
+    for name in keys:
+        run_config(cfg, keys[name], Path("."), Path("."), cfg["seeds"][0], 1, False)
+    fusion = cfg["fusion"]
+    run_config(cfg, keys[fusion["arm"]], Path("."), Path("."), fusion["seed"], 1, True, fusion["train"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Corpus: the embedded stdlib docstrings, grouped by top-level module
 
@@ -625,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_experiment(config_path)
         out = Path(args.out_dir or cfg["out_dir"])
         results_dir = Path(args.results_dir or cfg["results_dir"] or out)
-        arm_model_keys(cfg)  # solves and validates the iso-FLOP arm before any work
+        check_runs(cfg)  # every run's model and training keys, before any work
         log(f"config {config_path}; out_dir {out}; results_dir {results_dir}")
         env = environment()
         domain_names = {m for mods in cfg["fusion"]["domains"].values() for m in mods}

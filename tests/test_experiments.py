@@ -1,0 +1,165 @@
+"""experiments/: the smoke run end to end, the FLOPs count behind the iso-FLOP arm, config errors, verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from experiments import run as exp_run
+from experiments.flops import forward_flops_per_token, iso_flop_dense, train_flops_per_token
+from experiments.report import RESULTS_MD, RESULTS_PNG, compare_arms
+from moc_kernels import STRATEGIES
+from model.config import ModelConfig
+from model.lm import LunarisLM
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, dict]:
+    """One ``python -m experiments.run --smoke`` into a temporary directory (shared by the tests below)."""
+    real = REPO / "experiments" / RESULTS_MD
+    before = real.stat().st_mtime_ns if real.exists() else None
+    out = tmp_path_factory.mktemp("smoke")
+    assert exp_run.main(["--smoke", "--out-dir", str(out)]) == 0
+    after = real.stat().st_mtime_ns if real.exists() else None
+    assert before == after, "the smoke run must never touch experiments/RESULTS.md"
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_claim1_every_arm_and_seed(smoke):
+    out, results = smoke
+    cfg = exp_run.load_experiment(exp_run.SMOKE_CONFIG)
+    arms = results["claim1"]["arms"]
+    assert list(arms) == list(cfg["arms"])
+    for name, arm in arms.items():
+        assert arm["seeds"] == cfg["seeds"], name
+        assert len(arm["val_ppl"]) == len(cfg["seeds"])
+        assert all(math.isfinite(p) and p > 1 for p in arm["val_ppl"]), (name, arm["val_ppl"])
+        assert arm["val_ppl_std"] is not None and arm["val_ppl_std"] >= 0
+        assert arm["val_ppl_min"] <= arm["val_ppl_mean"] <= arm["val_ppl_max"]
+    # Same tokens for every arm; the iso-FLOP arm is dense and within 5% of MoC's FLOPs/token.
+    assert len({a["train_tokens"] for a in arms.values()}) == 1
+    iso, moc = arms["dense_iso_flops"], arms["moc"]
+    assert not iso["is_moc"] and moc["is_moc"]
+    assert abs(iso["forward_flops_per_token"] / moc["forward_flops_per_token"] - 1) < 0.05
+    assert iso["ffn_hidden"] > arms["dense"]["ffn_hidden"]
+
+
+def test_smoke_claim2_every_text_and_strategy(smoke):
+    out, results = smoke
+    c2 = results["claim2"]
+    assert set(c2["evaluations"]) == {"mixed", "web only", "devtools only"}
+    for label, ev in c2["evaluations"].items():
+        assert ev["tokens"] > 0 and ev["bytes"] > 0
+        assert set(ev["models"]) == {"a", "b"}
+        assert all(math.isfinite(m["ppl"]) for m in ev["models"].values()), label
+        assert set(ev["strategies"]) == set(STRATEGIES), label
+        for s, v in ev["strategies"].items():
+            assert math.isfinite(v["ppl"]), (label, s)
+            assert sum(v["mean_weights"]) == pytest.approx(1.0, abs=1e-4), (label, s)
+        assert 0 <= ev["similarity"]["top1_agreement"] <= 1
+    # Held-out modules are disjoint from the training modules and the mixed text has both domains'.
+    for name, d in c2["domains"].items():
+        assert d["test_modules"] and d["train_modules"] >= 1, name
+    mixed = set(c2["evaluations"]["mixed"]["modules"])
+    assert mixed == {m for d in c2["domains"].values() for m in d["test_modules"]}
+
+
+def test_smoke_results_md_has_every_row(smoke):
+    out, results = smoke
+    md = (out / RESULTS_MD).read_text()
+    assert "## Summary" in md and results["command"] in md
+    for name in results["claim1"]["arms"]:
+        assert f"| `{name}` |" in md, name
+    for label in results["claim2"]["evaluations"]:
+        section = md.split(f"### Held-out text: {label} ")[1].split("###")[0]
+        for s in STRATEGIES:
+            assert f"fused {s}" in section, (label, s)
+    # Numbers in the markdown are the ones in results.json (rounded as printed).
+    dense = results["claim1"]["arms"]["dense"]
+    assert f"{dense['val_ppl_mean']:.2f}" in md
+    assert (out / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"n_experts": 0},
+        {"n_experts": 4, "top_k": 2},
+        {"n_experts": 3, "top_k": 1, "n_kv_heads": 1},
+    ],
+    ids=["dense", "moc", "moc-gqa-k1"],
+)
+def test_flops_match_flop_counter(keys):
+    """The analytic count equals torch's count of every matrix product in a real forward."""
+    config = ModelConfig(
+        d_model=32, n_layers=2, n_heads=2, vocab_size=96, multiple_of=16, max_seq_len=16, kernels="reference", **keys
+    )
+    lm = LunarisLM(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        lm(tokens)
+    analytic = forward_flops_per_token(config, seq_len=16)
+    assert counter.get_total_flops() / tokens.numel() == analytic["matmul_counted"]
+    assert train_flops_per_token(config, 16) == 3 * analytic["total"]
+
+
+def test_iso_flop_dense_matches_moc_within_one_width_step():
+    moc = ModelConfig(d_model=128, n_layers=2, n_heads=4, vocab_size=2048, multiple_of=32, max_seq_len=128, n_experts=4)
+    dense = ModelConfig(**(moc.to_dict() | {"n_experts": 0}))
+    wide = iso_flop_dense(moc, dense)
+    assert not wide.is_moc and wide.ffn_hidden % wide.multiple_of == 0
+    want = forward_flops_per_token(moc)["total"]
+    step = 2 * 3 * wide.d_model * wide.n_layers * wide.multiple_of  # FLOPs of one multiple_of of width
+    assert abs(forward_flops_per_token(wide)["total"] - want) <= step / 2
+    with pytest.raises(ValueError, match="dense base"):
+        iso_flop_dense(moc, moc)
+
+
+def test_compare_arms_verdicts():
+    def arm(ppls):
+        return {"val_ppl_mean": sum(ppls) / len(ppls), "val_ppl_min": min(ppls), "val_ppl_max": max(ppls)}
+
+    assert compare_arms({"m": arm([10, 11]), "d": arm([12, 13])}, "m", "d")["verdict"] == "beat"
+    assert compare_arms({"m": arm([10, 12.5]), "d": arm([12, 13])}, "m", "d")["verdict"] == "lower mean"
+    assert compare_arms({"m": arm([13, 14]), "d": arm([12, 13])}, "m", "d")["verdict"] == "did not beat"
+
+
+def test_split_held_out_is_deterministic_and_two_sided():
+    modules = [(f"pkg/mod{i}.py", "pkg", ["doc"]) for i in range(12)]
+    train, test = exp_run.split_held_out(modules, 0.25)
+    assert train and test and len(train) + len(test) == 12
+    again = exp_run.split_held_out(list(reversed(modules)), 0.25)[1]
+    assert {m[0] for m in again} == {m[0] for m in test}  # by path hash, not by order
+    with pytest.raises(exp_run.ExperimentError, match="at least 2 modules"):
+        exp_run.split_held_out(modules[:1], 0.25)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("seeds", []), "seeds must be a non-empty list"),
+        (("sedes", [1]), "did you mean 'seeds'"),
+        (("arms", {"dense": {"n_experts": 0}, "wide": {"match_flops_of": "nope"}}), "match_flops_of must name"),
+        (("train", {"model": {"d_modle": 32}, "max_steps": 2}), "did you mean 'd_model'"),
+        (("train", {"model": {"d_model": 32, "n_heads": 2}, "max_stpes": 2}), "did you mean 'max_steps'"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, edit, message):
+    import yaml
+
+    raw = yaml.safe_load(exp_run.SMOKE_CONFIG.read_text())
+    key, value = edit
+    raw[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert exp_run.main(["--config", str(path), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
