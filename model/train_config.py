@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default (all cores)
     distributed: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
     kernels: str | None = None  # overrides model.kernels when set (auto | triton | reference)
 
@@ -78,6 +79,8 @@ class TrainConfig:
         for name in ("eval_interval", "eval_batches", "log_interval", "save_interval", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads!r}")
         for name in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")

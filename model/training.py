@@ -283,6 +283,8 @@ def train(
     device_type = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist_info = init_distributed(device_type)
     device = resolve_device(cfg, dist_info)
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     amp_dtype = resolve_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else contextlib.nullcontext()
     model_cfg = build_model_config(cfg.model, cfg.kernels)
