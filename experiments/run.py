@@ -63,6 +63,7 @@ FUSION_KEYS: dict[str, Any] = {
     "seed": 1,
     "test_fraction": 0.15,
     "primary_strategy": "entropy",
+    "max_text_chars": None,
     "train": {},
     "domains": REQUIRED,
     "kotara": {},
@@ -158,6 +159,9 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         raise ExperimentError(f"fusion.arm must be one of the arms ({', '.join(arms)}), got {fusion['arm']!r}")
     if arms[fusion["arm"]].get("match_flops_of") is not None:
         raise ExperimentError(f"fusion.arm {fusion['arm']!r} must be an arm without match_flops_of")
+    mtc = fusion["max_text_chars"]
+    if mtc is not None and (not isinstance(mtc, int) or mtc < 100):
+        raise ExperimentError(f"fusion.max_text_chars must be null or an integer >= 100, got {mtc!r}")
     if not 0 < fusion["test_fraction"] < 1:
         raise ExperimentError(f"fusion.test_fraction must be in (0, 1), got {fusion['test_fraction']!r}")
     from moc_kernels import STRATEGIES
@@ -528,7 +532,7 @@ def claim_fusion(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any
     # Held-out texts: documents separated by blank lines; the mixed text alternates the domains.
     text_dir = out / "texts"
     text_dir.mkdir(parents=True, exist_ok=True)
-    held = {n: documents_of(by_domain[n]["test"], "module") for n in names}
+    held = {n: _cap_chars(documents_of(by_domain[n]["test"], "module"), fusion["max_text_chars"]) for n in names}
     mixed = []
     for i in range(max(len(held[n]) for n in names)):
         mixed += [held[n][i] for n in names if i < len(held[n])]
@@ -568,6 +572,23 @@ def claim_fusion(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any
         "evaluations": evaluations,
         "primary_strategy": fusion["primary_strategy"],
     }
+
+
+def _cap_chars(documents: list[str], limit: int | None) -> list[str]:
+    """The first documents up to ``limit`` characters in all, the last one cut at a line end (smoke runs)."""
+    if limit is None:
+        return documents
+    out, used = [], 0
+    for doc in documents:
+        if used + len(doc) <= limit:
+            out.append(doc)
+            used += len(doc)
+            continue
+        cut = doc[: limit - used].rsplit("\n", 1)[0]
+        if cut.strip():
+            out.append(cut)
+        break
+    return out or [documents[0][:limit]]
 
 
 def _summarise_kotara(metrics: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -163,3 +163,14 @@ def test_bad_config_is_one_line_exit_2(tmp_path, capsys, edit, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "smoke.yaml"])
+def test_shipped_configs_are_valid(name):
+    """Every shipped config loads and every run's TrainConfig builds (no training)."""
+    cfg = exp_run.load_experiment(exp_run.CONFIG_DIR / name)
+    exp_run.check_runs(cfg)
+    keys = exp_run.arm_model_keys(cfg)
+    assert set(keys) == {"dense", "moc", "dense_iso_flops"}
+    if name != "smoke.yaml":  # the real runs never write their results into out/
+        assert not str(cfg["results_dir"]).startswith("out")
