@@ -109,7 +109,13 @@ class CollaborativeExpertsModule(nn.Module):
         k = self.top_k
 
         # 1. every expert on every token: [N, E, D]
-        expert_outputs = mk.expert_swiglu(tokens, self.w13[..., : self.hidden], self.w13[..., self.hidden :], self.w2)
+        w13, w2 = self.w13, self.w2
+        if torch.is_autocast_enabled(x.device.type):
+            # The kernels are custom ops that autocast does not know: cast by hand, as autocast would
+            # for a matmul, so the E-expert pass (most of the layer's FLOPs) runs in bf16/fp16.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            tokens, w13, w2 = tokens.to(dtype), w13.to(dtype), w2.to(dtype)
+        expert_outputs = mk.expert_swiglu(tokens, w13[..., : self.hidden], w13[..., self.hidden :], w2)
 
         # 2. router contextualised by attention among the E expert outputs of each token
         router_context, _ = self.router_attn(expert_outputs)

@@ -42,11 +42,14 @@ pytestmark = [
 def test_triton_path_matches_reference_path(overrides):
     base = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=61, multiple_of=16, max_seq_len=16)
     config = ModelConfig.from_dict({**base, **overrides, "kernels": "reference"})
-    reference_lm = LunarisLM(config)
+    # On a GPU the kernels compile for real; keep fp32 matmuls exact there (no TF32) in the reference.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference_lm = LunarisLM(config).to(device)
     triton_lm = copy.deepcopy(reference_lm)
     triton_lm.config = ModelConfig.from_dict({**config.to_dict(), "kernels": "triton"})
-    ids = torch.randint(0, 61, (2, 7))
-    targets = torch.randint(0, 61, (2, 7))
+    ids = torch.randint(0, 61, (2, 7), device=device)
+    targets = torch.randint(0, 61, (2, 7), device=device)
 
     outputs = []
     for lm in (reference_lm, triton_lm):

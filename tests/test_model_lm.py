@@ -121,3 +121,18 @@ def test_init_scales_residual_projections():
     assert lm.layers[0].attention.wo.weight.std().item() == pytest.approx(residual_std, rel=0.1)
     assert lm.layers[0].ffn.w2.std().item() == pytest.approx(residual_std, rel=0.1)
     assert lm.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_mixed_precision_paths():
+    lm = LunarisLM(tiny())
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lm(ids, ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    (out.loss + out.aux_loss).backward()
+    assert lm.layers[0].ffn.w13.grad.dtype == torch.float32 and torch.isfinite(lm.layers[0].ffn.w13.grad).all()
+    with torch.no_grad():
+        reference = lm(ids, ids).loss
+        pure = lm.to(torch.bfloat16)(ids, ids)
+    assert pure.logits.dtype == torch.bfloat16
+    assert abs(pure.loss.item() - reference.item()) < 0.05 * reference.item()
