@@ -211,9 +211,9 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [loading.resolve_dtype(args.dtype, d) for d in devices]
     for i, path in enumerate(paths):
         loading.check_model_path(path, f"model {loading.model_label(i)}")
-    if args.kernels:
-        import moc_kernels
+    import moc_kernels
 
+    if args.kernels:
         moc_kernels.set_backend(args.kernels)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
                     "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
                     "device": device_names[0],
                     "devices": [str(d) for d in devices],
-                    "kernels": args.kernels or "env/auto",
+                    "kernels": moc_kernels.get_backend(),
+                    "kernels_ran": moc_kernels.backend.resolve(devices[0]),
                     "trust_remote_code": args.trust_remote_code,
                     "world_size": result.world_size,
                     "protocol": "rolling windows, each target scored once (DESIGN §5)",

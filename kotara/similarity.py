@@ -50,12 +50,13 @@ def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, 
     for start in range(0, num_rows, step):
         rows = slice(start, min(start + step, num_rows))
         log_probs = [torch.log_softmax(lg[rows].float(), dim=-1) for lg in logits]
+        target = targets[rows, None]
+        for i, lp in enumerate(log_probs):
+            nll[i, rows] = -lp.gather(1, target).squeeze(1)  # inf for an impossible (-inf logit) target
+            lp.clamp_(min=torch.finfo(torch.float32).min)  # -inf -> finite, so p * log p below is 0, not NaN
         probs = [lp.exp() for lp in log_probs]
         # Row sums in fp64: the JS divergence below is a difference of entropies (~ln V each).
         neg_entropy = [(p * lp).sum(-1, dtype=torch.float64) for p, lp in zip(probs, log_probs)]
-        target = targets[rows, None]
-        for i, lp in enumerate(log_probs):
-            nll[i, rows] = -lp.gather(1, target).squeeze(1)
         top1 = [lg[rows].argmax(-1) for lg in logits]
         for k, (i, j) in enumerate(pairs):
             agree[k, rows] = (top1[i] == top1[j]).float()

@@ -187,6 +187,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(workspace, tmp_path, caps
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    assert one["config"]["kernels_ran"] == "reference"
     assert two["tokens"] == one["tokens"]
     for a, b in zip(one["models"], two["models"]):
         assert b["nll"] == pytest.approx(a["nll"], rel=1e-6)
@@ -196,3 +197,37 @@ def test_torchrun_two_gloo_processes_equal_one_process(workspace, tmp_path, caps
     pair_one, pair_two = one["similarity"]["pairs"][0], two["similarity"]["pairs"][0]
     for key in ("top1_agreement", "mean_js_divergence_nats", "nll_pearson"):
         assert pair_two[key] == pytest.approx(pair_one[key], rel=1e-6), key
+
+
+def test_fuses_our_own_exported_models(workspace, tmp_path, capsys):
+    """Two LunarisCodex-MoC models exported by ``model.hf.export_hf`` (what train_moe.py calls), one
+    with its vocabulary padded past the tokenizer, fused with each other and with a GPT-2."""
+    hf = pytest.importorskip("model.hf", reason="the project's model package is not available")
+    from model.config import ModelConfig
+    from model.lm import LunarisLM
+
+    tokenizer = loading_tokenizer(workspace["a"])
+    dirs = []
+    for seed, extra in ((1, 0), (2, 3)):
+        torch.manual_seed(seed)
+        config = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=len(tokenizer) + extra)
+        config.update(multiple_of=16, max_seq_len=32, n_experts=4, top_k=2, kernels="reference")
+        lm = LunarisLM(ModelConfig.from_dict(config)).eval()
+        dirs.append(str(hf.export_hf(lm, tmp_path / f"lunaris{seed}", tokenizer=tokenizer)))
+    out = tmp_path / "ours.json"
+    argv = ["--model", dirs[0], "--model", dirs[1], "--model", str(workspace["b"]), "--strategy", "all"]
+    argv += ["--dataset_path", str(workspace["text"]), "--max_length", "16", "--stride", "8", "--batch_size", "2"]
+    argv += ["--device", "cpu", "--no_progress", "--save_metrics", str(out)]
+    code, stdout, _ = _run_main(argv, capsys)
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["config"]["logit_columns"] == [len(tokenizer), len(tokenizer) + 3, len(tokenizer) + 5]
+    assert all(math.isfinite(v) for v in metrics["fused_ppl"].values())
+    assert 0 < metrics["baseline_ppl_a"] < 10 * len(tokenizer)  # a random model: about uniform, not broken
+    assert "fused mixture_gap" in stdout
+
+
+def loading_tokenizer(path):
+    from kotara.loading import load_tokenizer
+
+    return load_tokenizer(str(path))

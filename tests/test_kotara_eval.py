@@ -242,3 +242,7 @@ def test_similarity_stats_match_their_definitions():
     r = pearson_from_sums(40, x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum())
     assert r == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), rel=1e-9)
     assert math.isnan(pearson_from_sums(3, 3.0, 1.0, 3.0, 1.0, 1.0))  # constant x: undefined
+    # -inf logits (impossible tokens) are allowed: statistics stay finite where the target is possible.
+    a[:, 7], b[:, 9] = float("-inf"), float("-inf")
+    masked = token_stats([a, b], torch.zeros(40, dtype=torch.int64))
+    assert torch.isfinite(masked["jsd"]).all() and torch.isfinite(masked["nll"]).all()
