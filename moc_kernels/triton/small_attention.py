@@ -34,8 +34,11 @@ from moc_kernels.triton.compile_spec import KernelSpec
 # Keyed by direction, dtype class, then the largest L_PAD (next power of two of L) a tier serves.
 # BLOCK_M is the number of rows (token x position) per program, raised to L_PAD for long L.
 # bf16/fp16: 64 rows, so that sm_90 lowers the products to wgmma (needs >= 64 rows, 4 warps per
-# warpgroup); the backward needs 8 warps (4 spill ~250 B on sm_80). fp32 runs exact IEEE products on
-# the FMA pipes, where the masked blocks are real work, so it packs only 16 rows.
+# warpgroup); the backward needs 8 warps (4 spill ~250 B on sm_80) and at least 8 rows per token
+# (MIN_L_PAD): with 2 or 4 rows per token ptxas spills 40-64 B on sm_80 (checked), so L <= 8 packs
+# 8 tokens per tile (still HBM-bound: ~180 FLOP per byte moved vs ~300 at the H100 ridge).
+# fp32 runs exact IEEE products on the FMA pipes, where the masked blocks are real work, so it
+# packs only 16 rows.
 # Checked with `python -m moc_kernels.report --ops small_attention`: no spills for the shipped
 # configs. fp32 with L > 16 (the 64-row tier) is correct but spills registers (FMA products of
 # 64x64x64 fp32 tiles); it is not shipped (not in compile_specs()), fp32 training uses L <= 16.
@@ -48,7 +51,7 @@ CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
         },
     },
     "bwd": {
-        "bf16": {64: {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1}},
+        "bf16": {64: {"BLOCK_M": 64, "MIN_L_PAD": 8, "num_warps": 8, "num_stages": 1}},
         "fp32": {
             16: {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},
             64: {"BLOCK_M": 64, "num_warps": 16, "num_stages": 1},
@@ -61,6 +64,18 @@ SHIPPED_SHAPES = (("bf16", 2, 64), ("bf16", 8, 64), ("bf16", 64, 64), ("fp32", 2
 MAX_L = 64
 
 _DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+
+
+_UNIT_STRIDES = (
+    "stride_qd",
+    "stride_kd",
+    "stride_vd",
+    "stride_od",
+    "stride_dod",
+    "stride_gd",
+    "stride_sl",
+    "stride_dsl",
+)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -193,11 +208,14 @@ def _small_attention_fwd(
 #   dV = P^T dO
 #   dP_ij = (dO V^T)_ij + g_i * dH_i/dP_ij = A_ij - g_i (log P_ij + 1),          A = dO V^T
 #   softmax: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)
-#     sum_k P_ik dP_ik = D_i + g_i (H_i - 1),                                     D_i = sum_k P_ik A_ik
-#   => dS_ij = P_ij (A_ij - D_i) - g_i P_ij (log P_ij + H_i)
-#      (the entropy term is d(H_i)/d(S_ij) = -P_ij (log P_ij + H_i), weighted by g_i)
+#   The "- g_i" part of dP is constant along the row and cancels in the softmax backward, so with
+#   C_ij = A_ij - g_i log P_ij:
+#     dS_ij = P_ij (C_ij - sum_k P_ik C_ik)
+#           = P_ij (A_ij - D_i) - g_i P_ij (log P_ij + H_i),                      D_i = sum_k P_ik A_ik
+#   i.e. d(H_i)/d(S_ij) = -P_ij (log P_ij + H_i), weighted by g_i, added to the output's term;
+#   the kernel forms C and uses one row sum for both.
 #   dQ = scale * dS K,  dK = scale * dS^T Q.
-# D_i is taken from A and P inside the kernel (not as rowsum(dO * O)) so O need not be saved, and
+# D_i comes from A and P inside the kernel (not rowsum(dO * O)) so O need not be saved, and
 # P = exp(S - lse) is recomputed from the saved log-sum-exp. The block-diagonal mask makes P (hence
 # dS) zero across tokens, so the tile-wide products only sum within each token.
 @triton.jit
@@ -281,22 +299,20 @@ def _small_attention_bwd(
     lse = tl.load(lse_ptr + token * stride_sn + head * stride_sh + position * stride_sl, mask=row_valid, other=0.0)
 
     scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
-    # Padded rows get P = 0 too, so they add nothing to dK and dV.
+    # Padded rows get P = 0 too, so they add nothing to dK and dV; hidden entries get log P = 0 (finite).
     visible = col_visible & row_valid[:, None]
-    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+    log_probs = tl.where(visible, scores - lse[:, None], 0.0)
+    probs = tl.where(visible, tl.exp(log_probs), 0.0)
     d_probs = _dot(d_out, tl.trans(v), PRECISION, INTERPRET)  # A = dO V^T
-    delta = tl.sum(probs * d_probs, axis=1)  # D_i
-    d_scores = probs * (d_probs - delta[:, None])
     if HAS_D_ENTROPY:
         d_entropy = tl.load(
             d_entropy_ptr + token * stride_dsn + head * stride_dsh + position * stride_dsl,
             mask=row_valid,
             other=0.0,
         ).to(tl.float32)
-        log_probs = tl.where(visible, scores - lse[:, None], 0.0)
-        entropy = -tl.sum(probs * log_probs, axis=1)
-        d_scores -= d_entropy[:, None] * probs * (log_probs + entropy[:, None])
-    d_scores = d_scores * scale
+        d_probs -= d_entropy[:, None] * log_probs  # C = A - g log P
+    delta = tl.sum(probs * d_probs, axis=1)  # sum_k P_ik C_ik
+    d_scores = probs * (d_probs - delta[:, None]) * scale
 
     dv = _dot(tl.trans(_cast(probs, q.dtype, INTERPRET)), d_out, PRECISION, INTERPRET)
     dq = _dot(_cast(d_scores, q.dtype, INTERPRET), k, PRECISION, INTERPRET)
@@ -324,6 +340,7 @@ def _shape_params(
     l_pad = triton.next_power_of_2(length)
     tiers = CONFIGS[direction][dtype_key]
     config = tiers[min(t for t in tiers if t >= l_pad)]
+    l_pad = max(l_pad, config.get("MIN_L_PAD", 1))
     # tl.dot needs every dimension >= 16.
     dh_pad = max(16, triton.next_power_of_2(head_dim))
     block_m = max(config["BLOCK_M"], l_pad)
@@ -481,6 +498,9 @@ def compile_specs() -> list[KernelSpec]:
             }
             if direction == "bwd":
                 constexprs["HAS_D_ENTROPY"] = True
+            # Unit innermost strides as the launches of contiguous tensors see them (Triton specializes
+            # integer arguments equal to 1 into constants, which makes the feature loads vector loads).
+            constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
             signature = {}
             for name in kernel.arg_names:
                 if name in constexprs:

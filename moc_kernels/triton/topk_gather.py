@@ -23,15 +23,19 @@ import triton.language as tl
 from moc_kernels.triton.compile_spec import KernelSpec
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
-# Copies are bound by HBM bytes: a 32 x 128 tile moves 8 KB (bf16) per program with 4 warps (32
-# elements per thread: wide vector loads/stores), enough programs in flight at N*k = 32k rows.
+# Copies are bound by HBM bytes: an 8-row x 256-feature tile with 4 warps gives each thread 16
+# contiguous elements (16-byte vector loads/stores for bf16) and 78 registers at most (report);
+# a 32 x 128 tile needed 255 registers and spilled on sm_80 (64-bit pointers for 32 elements).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": {"BLOCK_R": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1},
-    "bwd": {"BLOCK_R": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1},
+    "fwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
+    "bwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
 }
 # (E, k) whose configs the report compiles: GPT-2-small MoC (E = 8, k = 2) and k = E.
 SHIPPED_SHAPES = ((8, 2), (8, 8))
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+_UNIT_STRIDES = ("stride_yd", "stride_gd", "stride_od", "stride_ik")
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -113,9 +117,10 @@ def _topk_gather_bwd(
         mask=row_valid[:, None] & (slots < K)[None, :],
         other=-1,
     )
-    match = indices == expert[:, None]
-    selected = tl.max(match.to(tl.int32), axis=1) > 0
-    slot = tl.sum(tl.where(match, slots[None, :], 0), axis=1)  # distinct indices: at most one match
+    # Distinct indices: at most one slot matches, so one sum finds it (slot + 1; 0 = not selected).
+    slot_plus_one = tl.sum(tl.where(indices == expert[:, None], slots[None, :] + 1, 0), axis=1)
+    selected = slot_plus_one > 0
+    slot = slot_plus_one - 1
     d_valid = d < D
     grads = tl.load(
         d_out_ptr + token[:, None] * stride_gn + slot[:, None] * stride_gk + d[None, :] * stride_gd,
@@ -238,6 +243,9 @@ def compile_specs() -> list[KernelSpec]:
         for direction, kernel, extra, shape_label in variants:
             config = CONFIGS[direction]
             constexprs = {"BLOCK_R": config["BLOCK_R"], "BLOCK_D": config["BLOCK_D"], **extra}
+            # Unit innermost strides as the launches of contiguous tensors see them (Triton specializes
+            # integer arguments equal to 1 into constants, which makes the feature loads vector loads).
+            constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
             signature = {}
             for name in kernel.arg_names:
                 if name in constexprs:
