@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,8 +126,14 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+# PyYAML follows YAML 1.1, where "3e-4" (no dot) is a string, not a float. Users write it anyway.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; int is accepted for float. Raises ConfigError."""
+    if isinstance(value, str) and tp in (int, float) and _NUMBER.match(value.strip()):
+        value = float(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
