@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import moc_kernels as mk  # noqa: E402
 from moc_kernels import backend, reference  # noqa: E402
+from tests.conftest import assert_rel_close  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -92,3 +93,40 @@ def test_torch_compile_fullgraph_matches_eager():
     (compiled_grad,) = torch.autograd.grad(compiled_loss, y)
     assert torch.equal(compiled_loss, eager_loss)
     assert torch.equal(compiled_grad, eager_grad)
+
+
+def gather_matmul_reference(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return reference.topk_gather(y, idx).float() @ w.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("top_k", [1, 3, NUM_EXPERTS], ids=["k1", "k3", "kE"])
+def test_gather_matmul_forward_and_backward_match_reference(nan_outputs, top_k, dtype):
+    # gather_matmul is an extra of the Triton module (no reference backend): fetched through the backend.
+    gather_matmul = backend.kernel_module("topk_gather").gather_matmul
+    features = 72
+    y = torch.randn(NUM_TOKENS, NUM_EXPERTS, DIM, dtype=dtype).requires_grad_()
+    w = (torch.randn(DIM, features, dtype=dtype) / DIM**0.5).requires_grad_()
+    idx = random_indices(NUM_TOKENS, NUM_EXPERTS, top_k)
+    out = gather_matmul(y, idx, w)
+    y_ref, w_ref = (t.detach().float().requires_grad_() for t in (y, w))
+    ref = gather_matmul_reference(y_ref, idx, w_ref)
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype, "out")
+    grad_out = torch.randn(ref.shape).to(dtype)
+    dy, dw = torch.autograd.grad(out, (y, w), grad_out)
+    ref_dy, ref_dw = torch.autograd.grad(ref, (y_ref, w_ref), grad_out.float())
+    assert dy.dtype == dtype and dw.dtype == dtype
+    assert_rel_close(dy, ref_dy, dtype, "dy")
+    assert torch.equal(dy[ref_dy == 0], torch.zeros_like(dy[ref_dy == 0]))  # unselected experts: exact 0
+    assert_rel_close(dw, ref_dw, dtype, "dw")
+
+
+def test_gather_matmul_strided_weight_and_bad_weight(nan_outputs):
+    gather_matmul = backend.kernel_module("topk_gather").gather_matmul
+    y = torch.randn(NUM_TOKENS, NUM_EXPERTS, DIM)
+    idx = random_indices(NUM_TOKENS, NUM_EXPERTS, 2)
+    w = torch.randn(50, DIM).t()  # [D, F] with transposed strides
+    assert_rel_close(gather_matmul(y, idx, w), gather_matmul_reference(y, idx, w), torch.float32, "out")
+    with pytest.raises(ValueError, match="gather_matmul: w must be"):
+        gather_matmul(y, idx, torch.randn(DIM + 1, 8))

@@ -20,7 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec
+
+# The interpreter-safe product and rounding helpers (see there); shared with small_attention.
+from moc_kernels.triton.small_attention import _cast, _dot
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
 # Copies are bound by HBM bytes: an 8-row x 256-feature tile with 4 warps gives each thread 16
@@ -268,4 +272,368 @@ def compile_specs() -> list[KernelSpec]:
                     num_stages=config["num_stages"],
                 )
             )
+    for kind, kernel in (("fwd", _gather_matmul_fwd), ("dw", _gather_matmul_dw), ("dy", _gather_matmul_dy)):
+        for dtype in (torch.bfloat16, torch.float32):
+            config, precision = _gemm_params(kind, dtype)
+            constexprs = {name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+            constexprs.update(PRECISION=precision, INTERPRET=False)
+            # Contiguous y, idx, w, d_out: their innermost strides are 1 at launch (specialized).
+            unit = ("stride_yd", "stride_ik", "stride_wf", "stride_of", "stride_gf")
+            constexprs.update({name: 1 for name in unit if name in kernel.arg_names})
+            signature = {}
+            for name in kernel.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name == "idx_ptr":
+                    signature[name] = "*i64"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*" + _TL_NAME[dtype]
+                else:
+                    signature[name] = "i32"
+            label = "-".join(f"{name[6:]}{config[name]}" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            specs.append(
+                KernelSpec(
+                    kernel=kernel.__name__,
+                    config=f"{label}-w{config['num_warps']}-s{config['num_stages']}-{_TL_NAME[dtype]}",
+                    fn=kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    num_warps=config["num_warps"],
+                    num_stages=config["num_stages"],
+                    matmul=dtype != torch.float32,
+                )
+            )
     return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_matmul: topk_gather fused into the loads of the GEMM that consumes it.
+#   out[n, j] = y[n, idx[n, j]] @ w        y [N, E, D], idx [N, k], w [D, F] -> out [N, k, F]
+# The [N, k, D] gather is never written: the A-tile loads read y's rows through idx.
+# Backward, with rows r = (n, j) and A_r = y[n, idx[n, j]]:
+#   dW = sum_r A_r^T dOut_r   (a GEMM whose reduction runs over the rows, A^T loaded through idx)
+#   dY[n, idx[n, j]] = dOut_r @ w^T, dY = 0 on unselected experts. Indices are distinct per token,
+#   so each dY row receives at most one product: plain stores into a zeroed dY, no atomics.
+# ---------------------------------------------------------------------------------------------
+# Launch configurations of the three GEMMs (chosen by compiling, `python -m moc_kernels.report`):
+# the gathered operands need one 64-bit row pointer per element, so tiles are smaller than a plain
+# GEMM's. bf16: 64-row tiles (wgmma on sm_90); 64x128x64 tiles spilled 400-4000 B, and dY (whose
+# w^T loads are transposed and whose stores scatter) needs 8 warps to stay spill-free. fp32: IEEE
+# products on the FMA pipes, 32x32x32 (32x64x32 spilled on sm_80).
+GEMM_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "fwd": {
+        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+    },
+    "dw": {
+        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+    },
+    "dy": {
+        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+    },
+}
+
+
+@triton.jit
+def _gather_matmul_fwd(
+    y_ptr,
+    idx_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    E,
+    K,
+    D,
+    F,
+    stride_yn,
+    stride_ye,
+    stride_yd,
+    stride_in,
+    stride_ik,
+    stride_wd,
+    stride_wf,
+    stride_or,
+    stride_of,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = rows // K
+    row_valid = token < N
+    expert = tl.load(idx_ptr + token * stride_in + (rows % K) * stride_ik, mask=row_valid, other=0)
+    read = row_valid & (expert >= 0) & (expert < E)
+    a_rows = y_ptr + token * stride_yn + expert * stride_ye  # the gather: row pointers through idx
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows[:, None] + kk[None, :] * stride_yd, mask=read[:, None] & (kk < D)[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + kk[:, None] * stride_wd + cols[None, :] * stride_wf,
+            mask=(kk < D)[:, None] & (cols < F)[None, :],
+            other=0.0,
+        )
+        acc += _dot(a, b, PRECISION, INTERPRET)
+    tl.store(
+        out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_of,
+        _cast(acc, out_ptr.dtype.element_ty, INTERPRET),
+        mask=row_valid[:, None] & (cols < F)[None, :],
+    )
+
+
+@triton.jit
+def _gather_matmul_dw(
+    y_ptr,
+    idx_ptr,
+    d_out_ptr,
+    dw_ptr,
+    N,
+    E,
+    K,
+    D,
+    F,
+    stride_yn,
+    stride_ye,
+    stride_yd,
+    stride_in,
+    stride_ik,
+    stride_gr,
+    stride_gf,
+    stride_wd,
+    stride_wf,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # dW[d, f] = sum over rows r of A[r, d] dOut[r, f]: M = D, N = F, the reduction runs over rows.
+    dd = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, N * K, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        token = rows // K
+        row_valid = token < N
+        expert = tl.load(idx_ptr + token * stride_in + (rows % K) * stride_ik, mask=row_valid, other=0)
+        read = row_valid & (expert >= 0) & (expert < E)
+        a_t = tl.load(
+            y_ptr + (token * stride_yn + expert * stride_ye)[None, :] + dd[:, None] * stride_yd,
+            mask=read[None, :] & (dd < D)[:, None],
+            other=0.0,
+        )
+        g = tl.load(
+            d_out_ptr + rows[:, None] * stride_gr + cols[None, :] * stride_gf,
+            mask=row_valid[:, None] & (cols < F)[None, :],
+            other=0.0,
+        )
+        acc += _dot(a_t, g, PRECISION, INTERPRET)
+    tl.store(
+        dw_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wf,
+        _cast(acc, dw_ptr.dtype.element_ty, INTERPRET),
+        mask=(dd < D)[:, None] & (cols < F)[None, :],
+    )
+
+
+@triton.jit
+def _gather_matmul_dy(
+    d_out_ptr,
+    idx_ptr,
+    w_ptr,
+    dy_ptr,
+    N,
+    E,
+    K,
+    D,
+    F,
+    stride_gr,
+    stride_gf,
+    stride_in,
+    stride_ik,
+    stride_wd,
+    stride_wf,
+    stride_yn,
+    stride_ye,
+    stride_yd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # dS[r, d] = sum_f dOut[r, f] w[d, f], stored straight into dY[n, idx[n, j], d] (the scatter).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = rows // K
+    row_valid = token < N
+    expert = tl.load(idx_ptr + token * stride_in + (rows % K) * stride_ik, mask=row_valid, other=0)
+    write = row_valid & (expert >= 0) & (expert < E)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_K):
+        ff = f0 + tl.arange(0, BLOCK_K)
+        g = tl.load(
+            d_out_ptr + rows[:, None] * stride_gr + ff[None, :] * stride_gf,
+            mask=row_valid[:, None] & (ff < F)[None, :],
+            other=0.0,
+        )
+        w_t = tl.load(
+            w_ptr + dd[None, :] * stride_wd + ff[:, None] * stride_wf,
+            mask=(dd < D)[None, :] & (ff < F)[:, None],
+            other=0.0,
+        )
+        acc += _dot(g, w_t, PRECISION, INTERPRET)
+    tl.store(
+        dy_ptr + (token * stride_yn + expert * stride_ye)[:, None] + dd[None, :] * stride_yd,
+        _cast(acc, dy_ptr.dtype.element_ty, INTERPRET),
+        mask=write[:, None] & (dd < D)[None, :],
+    )
+
+
+def _gemm_params(kind: str, dtype: torch.dtype) -> tuple[dict[str, int], str]:
+    key = "fp32" if dtype == torch.float32 else "bf16"
+    return GEMM_CONFIGS[kind][key], "ieee" if key == "fp32" else "tf32"
+
+
+@torch.library.custom_op("moc_kernels::gather_matmul_fwd", mutates_args=())
+def gather_matmul_fwd(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y [N, E, D], idx [N, k], w [D, F] (any strides) -> [N, k, F] contiguous in y's dtype."""
+    num_tokens, num_experts, dim = y.shape
+    top_k, features = idx.shape[1], w.shape[1]
+    out = _empty((num_tokens, top_k, features), y.dtype, y.device)
+    if out.numel() == 0:
+        return out
+    config, precision = _gemm_params("fwd", y.dtype)
+    grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
+    _gather_matmul_fwd[grid](
+        y,
+        idx,
+        w,
+        out,
+        num_tokens,
+        num_experts,
+        top_k,
+        dim,
+        features,
+        *y.stride(),
+        *idx.stride(),
+        *w.stride(),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"],
+        PRECISION=precision,
+        INTERPRET=backend.interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return out
+
+
+@gather_matmul_fwd.register_fake
+def _(y, idx, w):
+    return y.new_empty((y.shape[0], idx.shape[1], w.shape[1]))
+
+
+@torch.library.custom_op("moc_kernels::gather_matmul_bwd", mutates_args=())
+def gather_matmul_bwd(
+    y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, d_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dY [N, E, D] zeros off idx, dW [D, F]) from d_out [N, k, F]; both contiguous, in y's / w's dtype."""
+    num_tokens, num_experts, dim = y.shape
+    top_k, features = idx.shape[1], w.shape[1]
+    # dY rows that no slot selects must be 0: allocated zeroed, the kernel writes only selected rows.
+    dy = torch.zeros((num_tokens, num_experts, dim), dtype=y.dtype, device=y.device)
+    dw = _empty((dim, features), w.dtype, w.device)
+    d_out = d_out.to(y.dtype).reshape(num_tokens * top_k, features)  # a view when d_out is contiguous
+    if d_out.numel() == 0:
+        return dy, dw.zero_()
+    common = dict(INTERPRET=backend.interpreting())
+    config, precision = _gemm_params("dy", y.dtype)
+    grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(dim, config["BLOCK_N"]))
+    _gather_matmul_dy[grid](
+        d_out,
+        idx,
+        w,
+        dy,
+        num_tokens,
+        num_experts,
+        top_k,
+        dim,
+        features,
+        *d_out.stride(),
+        *idx.stride(),
+        *w.stride(),
+        *dy.stride(),
+        BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"],
+        PRECISION=precision,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+        **common,
+    )
+    config, precision = _gemm_params("dw", y.dtype)
+    grid = (triton.cdiv(dim, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
+    _gather_matmul_dw[grid](
+        y,
+        idx,
+        d_out,
+        dw,
+        num_tokens,
+        num_experts,
+        top_k,
+        dim,
+        features,
+        *y.stride(),
+        *idx.stride(),
+        *d_out.stride(),
+        *dw.stride(),
+        BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"],
+        PRECISION=precision,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+        **common,
+    )
+    return dy, dw
+
+
+@gather_matmul_bwd.register_fake
+def _(y, idx, w, d_out):
+    return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(
+        w, memory_format=torch.contiguous_format
+    )
+
+
+def _gm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gm_backward(ctx, d_out):
+    y, idx, w = ctx.saved_tensors
+    dy, dw = gather_matmul_bwd(y, idx, w, d_out)
+    return dy, None, dw
+
+
+gather_matmul_fwd.register_autograd(_gm_backward, setup_context=_gm_setup_context)
+
+
+def gather_matmul(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``topk_gather(y, idx) @ w`` without writing the gathered [N, k, D] tensor.
+
+    y: [N, E, D] fp32|bf16|fp16, idx: [N, k] int64 distinct per row, w: [D, F] (same dtype, any
+    strides) -> [N, k, F] in y's dtype, fp32 accumulation. Saves y, idx, w for backward (no gathered
+    copy); the backward writes dY without atomics and dW as one GEMM over the gathered rows.
+    """
+    if w.dim() != 2 or w.shape[0] != y.shape[2] or w.dtype != y.dtype:
+        raise ValueError(
+            f"gather_matmul: w must be [D={y.shape[2]}, F] of dtype {y.dtype}, got {tuple(w.shape)} {w.dtype}"
+        )
+    return gather_matmul_fwd(y, idx, w)
