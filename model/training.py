@@ -353,6 +353,12 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt["extra"]:
             scaler.load_state_dict(ckpt["extra"]["scaler"])
+        saved_format = ckpt["extra"].get("state_format", "plain")
+        if saved_format != ("fsdp" if fsdp else "plain"):
+            raise ConfigError(
+                f"cannot resume from {ckpt_path}: it was written by a {saved_format} run and this run is "
+                f"{'fsdp' if fsdp else 'plain/ddp'} (optimizer states are keyed differently); resume in the same mode"
+            )
         start_step = int(ckpt["step"])
         rng = ckpt["extra"].get("rng_per_rank", {}).get(dist_info.rank, ckpt["rng"])
         set_rng_state(rng)
@@ -407,7 +413,7 @@ def train(
 
     def save(step: int) -> Path | None:
         model_state, optim_state = model_and_optim_state()
-        extra: dict[str, Any] = {"scaler": scaler.state_dict()}
+        extra: dict[str, Any] = {"scaler": scaler.state_dict(), "state_format": "fsdp" if fsdp else "plain"}
         if dist_info.enabled:  # each rank's RNG (dropout) so that resume is exact on every rank
             from model.checkpoint import rng_state
 
@@ -465,16 +471,15 @@ def train(
                 aux_sum += out.aux_loss.detach()
                 last_stats = out.stats
             scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().norm() for p in raw_model.parameters() if p.grad is not None])
-                )
+            # max_norm=inf measures the norm without changing the gradients (the clip factor is clamped to 1).
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already the global norm
+                grad_norm = grad_norm.full_tensor()
             # One host sync per optimizer step: a NaN must stop the run before it reaches the weights.
-            check = torch.stack([main_sum + aux_sum, grad_norm.to(main_sum.dtype).to(device)])
+            check = torch.stack([main_sum + aux_sum, grad_norm.detach().to(device=device, dtype=main_sum.dtype)])
             if dist_info.enabled:
-                dist.all_reduce(check)
+                dist.all_reduce(check)  # every rank must stop together
             if not torch.isfinite(check).all().item():
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at step {step + 1} (loss {float(check[0]):.4g}, "

@@ -202,15 +202,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir: Path, tm
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path, mode: str):
     """torchrun, 2 CPU processes (gloo) with batch 2 each == 1 process with batch 4 (same global batch).
+
+    ``distributed: fsdp`` shards every block and the root with FSDP2 (``fully_shard``); checkpoints
+    hold full (gathered) state dicts.
 
     aux_loss_weight 0: the balance loss is a nonlinear function of per-batch routing statistics, so with
     it on, per-rank aux losses differ (by design, as in every data-parallel MoE) from the global one.
     """
     model = {"aux_loss_weight": 0.0}
     single = train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", model=model)), progress=False)
-    raw = tiny_raw(data_dir, tmp_path / "two", model=model, batch_size=2)
+    raw = tiny_raw(data_dir, tmp_path / "two", model=model, batch_size=2, distributed=mode)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -221,3 +225,7 @@ def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path):
     assert len(two) == 6
     torch.testing.assert_close(torch.tensor(two), torch.tensor(losses(single)), rtol=1e-5, atol=1e-6)
     assert proc.stdout.count("[train] done") == 1  # only rank 0 speaks
+    # The checkpoint is a full state dict: it loads into a plain, single-process model.
+    state = torch.load(latest_checkpoint(tmp_path / "two"), weights_only=False)["model"]
+    assert all(isinstance(t, torch.Tensor) and type(t) is torch.Tensor for t in state.values())
+    assert state.keys() == torch.load(latest_checkpoint(tmp_path / "one"), weights_only=False)["model"].keys()
