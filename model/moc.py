@@ -110,7 +110,7 @@ class CollaborativeExpertsModule(nn.Module):
 
         # 1. every expert on every token: [N, E, D]
         w13, w2 = self.w13, self.w2
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: model.info
             # The kernels are custom ops that autocast does not know: cast by hand, as autocast would
             # for a matmul, so the E-expert pass (most of the layer's FLOPs) runs in bf16/fp16.
             dtype = torch.get_autocast_dtype(x.device.type)
