@@ -369,16 +369,79 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _documents_sha256(documents: list[str]) -> str:
+    """The ``corpus_sha256`` that ``model.data.prepare`` records for these documents."""
+    h = hashlib.sha256()
+    for doc in documents:
+        h.update(doc.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _reusable_data(data_dir: Path, documents: list[str]) -> bool:
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("corpus_sha256") == _documents_sha256(documents) and (data_dir / "tokenizer").is_dir()
+
+
+def prepare_or_reuse(reuse: bool, documents: list[str], data_dir: Path, **kwargs) -> tuple[dict[str, Any], bool]:
+    """``model.data.prepare``, or (``reuse``) the existing directory if it holds exactly these documents.
+
+    Returns (meta, reused). Runs trained on re-prepared data are never reused.
+    """
+    from model.data import prepare
+
+    if reuse and _reusable_data(data_dir, documents):
+        meta = json.loads((data_dir / "meta.json").read_text())
+        wanted = kwargs.get("vocab_size")
+        if wanted is None or meta.get("tokenizer_source") == f"trained byte-level BPE (vocab {wanted})":
+            log(f"--reuse: keeping the prepared data in {data_dir}")
+            return meta, True
+    return prepare(documents, data_dir, **kwargs), False
+
+
+SUMMARY = "experiment_run.json"
+
+
+def train_or_reuse(run_cfg, reuse: bool) -> dict[str, Any]:
+    """Train one run (``model.training.train``) and summarise it in ``out_dir/experiment_run.json``.
+
+    With ``reuse``, a finished run whose saved config equals ``run_cfg`` is read back instead.
+    """
+    from model.training import train
+
+    path = Path(run_cfg.out_dir) / SUMMARY
+    if reuse and path.is_file():
+        saved = json.loads(path.read_text())
+        hf_ok = saved["hf_dir"] is None or Path(saved["hf_dir"]).is_dir()
+        if saved.get("config") == json.loads(json.dumps(run_cfg.to_dict())) and hf_ok:
+            log(f"--reuse: keeping the finished run in {run_cfg.out_dir}")
+            return saved
+    result = train(run_cfg, progress=False)
+    summary = {
+        "config": run_cfg.to_dict(),
+        "val_loss_end": result.val_loss_end,
+        "val_loss_start": result.val_loss_start,
+        "unigram_loss": result.unigram_loss,
+        "wall_s": result.wall_seconds,
+        "hf_dir": None if result.hf_dir is None else str(result.hf_dir),
+        "val_curve": [[r["step"], r["val/loss"]] for r in result.history if "val/loss" in r],
+        "train_curve": [[r["step"], r["loss/main"]] for r in result.history if "loss/main" in r],
+    }
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 # --------------------------------------------------------------------------------------------------
 # Claim 1: MoC vs dense
 
 
-def claim_moc(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any]:
+def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False) -> dict[str, Any]:
     """Train every arm for every seed; validation PPL per run, mean and spread per arm."""
     from experiments.flops import forward_flops_per_token, train_flops_per_token
-    from model.data import prepare, read_meta
+    from model.data import read_meta
     from model.lm import LunarisLM
-    from model.training import train
 
     train_keys = cfg["train"]
     seq = _model_config(arm_model_keys(cfg)[next(iter(cfg["arms"]))]).max_seq_len
@@ -390,7 +453,8 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any]:
         data_dir = out / "data" / "all"
         docs = documents_of(modules, cfg["document_unit"])
         log(f"claim 1: preparing {len(docs)} documents ({sum(len(d) for d in docs):,} chars) into {data_dir}")
-        meta = prepare(
+        meta, reuse = prepare_or_reuse(
+            reuse,
             docs,
             data_dir,
             vocab_size=cfg["vocab_size"],
@@ -418,23 +482,23 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any]:
     unigram = None
     for name, seed, run_cfg in plans:
         log(f"claim 1: training {name} seed {seed} ({run_cfg.max_steps} steps)")
-        result = train(run_cfg, progress=False)
-        unigram = result.unigram_loss if result.unigram_loss is not None else unigram
+        result = train_or_reuse(run_cfg, reuse)
+        unigram = result["unigram_loss"] if result["unigram_loss"] is not None else unigram
         tokens = run_cfg.max_steps * run_cfg.batch_size * run_cfg.gradient_accumulation_steps * seq
         runs.append(
             {
                 "arm": name,
                 "seed": seed,
-                "val_loss": result.val_loss_end,
-                "val_ppl": math.exp(result.val_loss_end),
-                "val_loss_start": result.val_loss_start,
+                "val_loss": result["val_loss_end"],
+                "val_ppl": math.exp(result["val_loss_end"]),
+                "val_loss_start": result["val_loss_start"],
                 "train_tokens": tokens,
-                "wall_s": result.wall_seconds,
-                "val_curve": [[r["step"], r["val/loss"]] for r in result.history if "val/loss" in r],
-                "train_curve": [[r["step"], r["loss/main"]] for r in result.history if "loss/main" in r],
+                "wall_s": result["wall_s"],
+                "val_curve": result["val_curve"],
+                "train_curve": result["train_curve"],
             }
         )
-        log(f"claim 1: {name} seed {seed}: val loss {result.val_loss_end:.4f} (ppl {runs[-1]['val_ppl']:.2f})")
+        log(f"claim 1: {name} seed {seed}: val loss {result['val_loss_end']:.4f} (ppl {runs[-1]['val_ppl']:.2f})")
 
     arms = {}
     for name, mc in model_cfgs.items():
@@ -482,11 +546,10 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any]:
 # Claim 2: Kotara fusion of two domain models
 
 
-def claim_fusion(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any]:
+def claim_fusion(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False) -> dict[str, Any]:
     """Two domain models, one tokenizer, Kotara on held-out mixed and single-domain text."""
     from kotara.cli import main as kotara_main
-    from model.data import prepare, train_tokenizer
-    from model.training import train
+    from model.data import load_tokenizer, train_tokenizer
 
     fusion = cfg["fusion"]
     names = list(fusion["domains"])
@@ -500,16 +563,22 @@ def claim_fusion(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any
 
     # One tokenizer for both models (Kotara needs one vocabulary), trained on training modules only.
     train_docs = {n: documents_of(by_domain[n]["train"], cfg["document_unit"]) for n in names}
-    tokenizer = train_tokenizer(train_docs[names[0]] + train_docs[names[1]], cfg["vocab_size"])
+    data_dirs = {n: out / "data" / f"domain_{n}" for n in names}
+    reuse = reuse and all(_reusable_data(data_dirs[n], train_docs[n]) for n in names)
+    if reuse:
+        tokenizer = load_tokenizer(data_dirs[names[0]] / "tokenizer")
+        log("claim 2: --reuse: keeping the prepared domain data and its tokenizer")
+    else:
+        tokenizer = train_tokenizer(train_docs[names[0]] + train_docs[names[1]], cfg["vocab_size"])
     keys = arm_model_keys(cfg, len(tokenizer))[fusion["arm"]]
     seq = _model_config(keys).max_seq_len
     batch = int((cfg["train"] | fusion["train"]).get("batch_size", 16))
     models, data = {}, {}
     plans = []
     for name in names:
-        data_dir = out / "data" / f"domain_{name}"
-        meta = prepare(
-            train_docs[name], data_dir, tokenizer=tokenizer, val_fraction=cfg["val_fraction"], progress=False
+        data_dir = data_dirs[name]
+        meta, _ = prepare_or_reuse(
+            reuse, train_docs[name], data_dir, tokenizer=tokenizer, val_fraction=cfg["val_fraction"], progress=False
         )
         eval_batches = eval_batches_for(meta, batch, seq, cfg["max_eval_batches"])
         run_cfg = run_config(
@@ -519,14 +588,14 @@ def claim_fusion(cfg: dict[str, Any], out: Path, modules: list) -> dict[str, Any
         data[name] = {"train_tokens": int(meta["train_tokens"]), "val_tokens": int(meta["val_tokens"])}
     for name, run_cfg in plans:
         log(f"claim 2: training the {name} model ({run_cfg.max_steps} steps)")
-        result = train(run_cfg, progress=False)
-        if result.hf_dir is None:
+        result = train_or_reuse(run_cfg, reuse)
+        if result["hf_dir"] is None:
             raise RuntimeError(f"the trainer did not export a Hugging Face model for domain {name!r}")
         models[name] = {
-            "hf_dir": str(result.hf_dir),
-            "val_ppl": math.exp(result.val_loss_end),
+            "hf_dir": result["hf_dir"],
+            "val_ppl": math.exp(result["val_loss_end"]),
             "train_tokens": run_cfg.max_steps * run_cfg.batch_size * run_cfg.gradient_accumulation_steps * seq,
-            "wall_s": result.wall_seconds,
+            "wall_s": result["wall_s"],
         }
 
     # Held-out texts: documents separated by blank lines; the mixed text alternates the domains.
@@ -636,6 +705,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", help="override out_dir (token shards, checkpoints, models)")
     p.add_argument("--results-dir", help="override results_dir (RESULTS.md, results.json, results.png)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs (and prepared data) already in out_dir whose config (and documents) are identical, "
+        "instead of recomputing them: resumes an interrupted experiment",
+    )
     p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
     return p
 
@@ -664,9 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         claim1_modules = modules
         fusion_modules = [m for m in modules if m[1] in domain_names]
         t1 = time.time()
-        moc = claim_moc(cfg, out, claim1_modules)
+        moc = claim_moc(cfg, out, claim1_modules, args.reuse)
         t2 = time.time()
-        fusion = claim_fusion(cfg, out, fusion_modules)
+        fusion = claim_fusion(cfg, out, fusion_modules, args.reuse)
         t3 = time.time()
     except (ExperimentError, DataError) as e:
         if args.debug:

@@ -87,6 +87,20 @@ def test_smoke_results_md_has_every_row(smoke):
     assert (out / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_smoke_reuse_reads_back_identical_runs(smoke, capsys):
+    """--reuse keeps the finished runs and prepared data (no retraining) and reproduces their numbers."""
+    out, results = smoke
+    again = out / "again"
+    assert exp_run.main(["--smoke", "--out-dir", str(out), "--results-dir", str(again), "--reuse"]) == 0
+    log = capsys.readouterr().out
+    assert "[train]" not in log and log.count("--reuse: keeping the finished run") == 8
+    second = json.loads((again / "results.json").read_text())
+    assert second["claim1"]["arms"] == results["claim1"]["arms"]
+    for label, ev in results["claim2"]["evaluations"].items():
+        for s, v in ev["strategies"].items():
+            assert second["claim2"]["evaluations"][label]["strategies"][s]["ppl"] == pytest.approx(v["ppl"]), (label, s)
+
+
 @pytest.mark.parametrize(
     "keys",
     [
