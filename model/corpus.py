@@ -60,8 +60,10 @@ def file_docstrings(path: Path) -> Iterator[str]:
             yield doc.strip()
 
 
-def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES, root: Path | None = None) -> list[str]:
+def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES, root: Path | None = None, progress: bool = False) -> list[str]:
     """The corpus: one document per module (its docstrings joined by blank lines), at most ``max_bytes``.
+
+    ``progress`` shows a tqdm bar over the files (parsing the whole library takes a few seconds).
 
     Returns:
         list of str, deterministic for a given Python installation.
@@ -70,7 +72,9 @@ def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES, root: Path | None = Non
         raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
     documents: list[str] = []
     total = 0
-    for path in stdlib_files(root):
+    from tqdm.auto import tqdm
+
+    for path in tqdm(stdlib_files(root), desc="extracting stdlib docstrings", unit="file", disable=not progress):
         text = "\n\n".join(file_docstrings(path))
         if not text:
             continue

@@ -282,7 +282,7 @@ def prepare_stdlib(out_dir: str | Path, vocab_size: int, val_fraction: float = 0
 
     from model.corpus import stdlib_dir, stdlib_documents
 
-    documents = stdlib_documents()
+    documents = stdlib_documents(progress=progress)
     sources = [{"corpus": "python-stdlib-docstrings", "python": platform.python_version(), "root": str(stdlib_dir())}]
     return prepare(
         documents,

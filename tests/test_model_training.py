@@ -128,6 +128,21 @@ def test_weight_decay_on_matrices_only():
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # bias, norm weight and bias
 
 
+def test_wandb_goes_offline_without_an_api_key(tmp_path: Path, monkeypatch):
+    from model.training import _wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with an api.wandb.ai entry
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    mode, note = _wandb_mode()
+    assert mode == "offline" and "offline" in note
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert _wandb_mode() == ("online", None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert _wandb_mode() == ("disabled", None)
+
+
 def test_checkpoint_atomic_and_pruned(tmp_path: Path):
     for step in (1, 2, 3, 4):
         atomic_save({"step": step}, tmp_path / "checkpoints" / f"step_{step:08d}.pt")
