@@ -247,22 +247,23 @@ def modeling_source() -> str:
     return _HEADER + "\n" + "\n".join(fallback) + "\n" + "\n".join(_module_body(m) for m in _EXPORTED_MODULES)
 
 
-def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+def _save_tokenizer(tokenizer: Any, out_dir: Path) -> Any:
+    """Save ``tokenizer`` (object, tokenizer directory or tokenizer.json) into out_dir; return the object."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out_dir)
-        return
-    path = Path(tokenizer)
-    if path.is_dir() and (path / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(path, local_files_only=True).save_pretrained(out_dir)
-        return
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(
-            f"tokenizer {str(path)!r} is neither a tokenizer object, a tokenizer directory nor a tokenizer.json file"
-        )
-    PreTrainedTokenizerFast(tokenizer_file=str(file)).save_pretrained(out_dir)
+    if not hasattr(tokenizer, "save_pretrained"):
+        path = Path(tokenizer)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if path.is_dir() and (path / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        elif file.is_file():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file))
+        else:
+            raise ValueError(
+                f"tokenizer {str(path)!r} is neither a tokenizer object, a tokenizer directory nor a tokenizer.json"
+            )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
 
 
 def export_hf(lm: LunarisLM, out_dir: str | Path, tokenizer: Any = None) -> Path:
@@ -282,7 +283,8 @@ def export_hf(lm: LunarisLM, out_dir: str | Path, tokenizer: Any = None) -> Path
         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LunarisForCausalLM",
     }
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, out)
+        tokenizer = _save_tokenizer(tokenizer, out)
+        # generate() stops at the config's EOS (copied into generation_config.json at construction).
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, key, None) is not None:
                 setattr(config, key, getattr(tokenizer, key))

@@ -114,6 +114,10 @@ def test_tokenizer_from_a_file_and_bad_path(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "tok")
     out = export_hf(lm, tmp_path / "dense", tokenizer=tmp_path / "tok" / "tokenizer.json")
     assert AutoTokenizer.from_pretrained(out)("w1")["input_ids"] == [4]
+    out = export_hf(lm, tmp_path / "from_dir", tokenizer=tmp_path / "tok")  # a save_pretrained directory
+    assert AutoTokenizer.from_pretrained(out)("w2")["input_ids"] == [5]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     with pytest.raises(ValueError, match="neither a tokenizer object"):
         export_hf(lm, tmp_path / "bad", tokenizer=tmp_path / "missing.json")
 
