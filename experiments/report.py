@@ -207,7 +207,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     add("")
     add(
-        "FLOPs: matrix products, 2 per multiply-add, training = 3 × forward (`experiments/flops.py`; its count is "
+        "FLOPs: matrix products, 2 per multiply-add, training = 3 × forward (`model.info.flops_per_token`, iso width solved in `experiments/flops.py`; the count is "
         "checked against `torch.utils.flop_counter` in `tests/test_experiments.py`)."
     )
     add("")

@@ -439,8 +439,9 @@ def train_or_reuse(run_cfg, reuse: bool) -> dict[str, Any]:
 
 def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False) -> dict[str, Any]:
     """Train every arm for every seed; validation PPL per run, mean and spread per arm."""
-    from experiments.flops import forward_flops_per_token, train_flops_per_token
+    from experiments.flops import train_flops_per_token
     from model.data import read_meta
+    from model.info import flops_per_token
     from model.lm import LunarisLM
 
     train_keys = cfg["train"]
@@ -506,7 +507,7 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False
         ppls = [r["val_ppl"] for r in mine]
         mean, std = mean_std(ppls)
         loss_mean, loss_std = mean_std([r["val_loss"] for r in mine])
-        flops = forward_flops_per_token(mc, seq)
+        flops = flops_per_token(mc, seq)
         arms[name] = {
             "model": {k: v for k, v in keys[name].items()},
             "is_moc": mc.is_moc,
