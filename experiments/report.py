@@ -207,8 +207,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     add("")
     add(
-        "FLOPs: matrix products, 2 per multiply-add, training = 3 × forward (`model.info.flops_per_token`, iso width solved in `experiments/flops.py`; the count is "
-        "checked against `torch.utils.flop_counter` in `tests/test_experiments.py`)."
+        "FLOPs: matrix products, 2 per multiply-add, training = 3 × forward (`model.info.flops_per_token`; the "
+        "iso-FLOP width is solved in `experiments/flops.py`; the count is checked against "
+        "`torch.utils.flop_counter` in `tests/test_experiments.py`)."
     )
     add("")
     if moc_name:
