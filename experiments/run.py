@@ -469,15 +469,16 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False
     model_cfgs = {name: _model_config(k) for name, k in keys.items()}
     batch = int(train_keys.get("batch_size", 16))
     eval_batches = eval_batches_for(meta, batch, seq, cfg["max_eval_batches"])
-    # Build (and so validate) every run's config before training anything.
+    # Build (and so validate) every run's config before training anything. A run interrupted late
+    # can be finished with fewer seeds: --reuse keeps the runs already done.
     plans = [
         (
             name,
             seed,
             run_config(cfg, keys[name], data_dir, out / "claim1" / f"{name}_seed{seed}", seed, eval_batches, False),
         )
+        for seed in cfg["seeds"]  # seed-major: an interrupted run has every arm for the first seeds
         for name in keys
-        for seed in cfg["seeds"]
     ]
     runs = []
     unigram = None
