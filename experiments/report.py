@@ -383,7 +383,7 @@ def render_png(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     c1, c2 = results["claim1"], results["claim2"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     ax = axes[0]
@@ -441,7 +441,7 @@ def render_png(results: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(labels)), [f"{lab} text" for lab in labels])
     ax.set_ylabel("gain vs best single model (nats/token)")
     ax.set_title(f"claim 2: Kotara on held-out text ({', '.join(f'{k}={v}' for k, v in c2['model_letters'].items())})")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
