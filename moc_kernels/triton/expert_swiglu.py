@@ -47,34 +47,34 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # G/U = x W1/W3 (M = N tokens, N = F, K = D) and dW1/dW3 = x^T dG/dU (M = D, N = F, K = tokens).
     "gate_up": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "dw13": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # Y_e = H_e W2_e (M = N tokens, N = D, K = F) and dW2_e = H_e^T dY_e (M = F, N = D, K = tokens).
     "down": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "dw2": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dH = dY_e W2_e^T (M = N tokens, N = F, K = D), optionally with G, U recomputed (3 accumulators).
     "swiglu_grad": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "swiglu_grad_recompute": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dx = sum_e dG_e W1_e^T + dU_e W3_e^T (M = N tokens, N = D, K = E * F).
     "dx": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
 }
 # The shape whose configs the compile report checks: GPT-2-small MoC (N = batch * seq).
@@ -138,21 +138,34 @@ def _expert_matmul(
 ):  # fmt: skip
     """C_e = A_e @ B_e for expert e = program_id(2); every operand addressed by strides (A [M, K],
     B [K, N], C [M, N] per expert), so transposes and token-major layouts cost nothing."""
-    # int64 before multiplying by strides: N * E * F can exceed 2^31.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_valid = rm < M - pid_m * BLOCK_M
+    n_valid = rn < N - pid_n * BLOCK_N
+    # Tile origins in 64-bit scalars (N * E * F can exceed 2^31); offsets inside a tile stay 32-bit
+    # (64-bit per-element offsets cost registers and spill).
     expert = tl.program_id(2).to(tl.int64)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_rows = a_ptr + expert * stride_ae + offs_m[:, None] * stride_am
-    b_cols = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    a_ptrs = a_ptr + (expert * stride_ae + row0 * stride_am) + (rm[:, None] * stride_am + rk[None, :] * stride_ak)
+    b_ptrs = b_ptr + (expert * stride_be + col0 * stride_bn) + (rk[:, None] * stride_bk + rn[None, :] * stride_bn)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(a_rows + k[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        b = tl.load(b_cols + k[:, None] * stride_bk, mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        k_valid = rk < K - k0
+        a = tl.load(a_ptrs, mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
         acc = _mma(acc, a, b, PRECISION, UPCAST)
-    c_ptrs = c_ptr + expert * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    _store(c_ptrs, acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = (
+        c_ptr
+        + (expert * stride_ce + row0 * stride_cm + col0 * stride_cn)
+        + (rm[:, None] * stride_cm + rn[None, :] * stride_cn)
+    )
+    _store(c_ptrs, acc, m_valid[:, None] & n_valid[None, :], UPCAST)
 
 
 @triton.jit
@@ -173,25 +186,36 @@ def _expert_dual_matmul(
     are stored only when STORE_C, i.e. when saved for backward). C1, C2 and H share one layout.
     Without SWIGLU it is dW1_e = x^T dG_e, dW3_e = x^T dU_e (A = x^T by strides).
     """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_valid = rm < M - pid_m * BLOCK_M
+    n_valid = rn < N - pid_n * BLOCK_N
     expert = tl.program_id(2).to(tl.int64)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_rows = a_ptr + expert * stride_ae + offs_m[:, None] * stride_am
-    b1_cols = b1_ptr + expert * stride_b1e + offs_n[None, :] * stride_b1n
-    b2_cols = b2_ptr + expert * stride_b2e + offs_n[None, :] * stride_b2n
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    a_ptrs = a_ptr + (expert * stride_ae + row0 * stride_am) + (rm[:, None] * stride_am + rk[None, :] * stride_ak)
+    b1_ptrs = b1_ptr + (expert * stride_b1e + col0 * stride_b1n) + (rk[:, None] * stride_b1k + rn[None, :] * stride_b1n)
+    b2_ptrs = b2_ptr + (expert * stride_b2e + col0 * stride_b2n) + (rk[:, None] * stride_b2k + rn[None, :] * stride_b2n)
     acc1 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(a_rows + k[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        b_mask = (k[:, None] < K) & (offs_n[None, :] < N)
-        b1 = tl.load(b1_cols + k[:, None] * stride_b1k, mask=b_mask, other=0.0)
-        b2 = tl.load(b2_cols + k[:, None] * stride_b2k, mask=b_mask, other=0.0)
+        k_valid = rk < K - k0
+        a = tl.load(a_ptrs, mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        b_mask = k_valid[:, None] & n_valid[None, :]
+        b1 = tl.load(b1_ptrs, mask=b_mask, other=0.0)
+        b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
         acc1 = _mma(acc1, a, b1, PRECISION, UPCAST)
         acc2 = _mma(acc2, a, b2, PRECISION, UPCAST)
-    c_offs = expert * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        a_ptrs += BLOCK_K * stride_ak
+        b1_ptrs += BLOCK_K * stride_b1k
+        b2_ptrs += BLOCK_K * stride_b2k
+    c_offs = (expert * stride_ce + row0 * stride_cm + col0 * stride_cn) + (
+        rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    )
+    c_mask = m_valid[:, None] & n_valid[None, :]
     if STORE_C:
         _store(c1_ptr + c_offs, acc1, c_mask, UPCAST)
         _store(c2_ptr + c_offs, acc2, c_mask, UPCAST)
@@ -224,36 +248,54 @@ def _swiglu_grad(
     RECOMPUTE: G = x W1_e, U = x W3_e are accumulated in the same K loop over D as dH (both GEMMs
     have K = D), so nothing but the inputs had to be saved; otherwise G, U are loaded.
     """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_valid = rm < N - pid_m * BLOCK_M
+    n_valid = rn < F - pid_n * BLOCK_N
     expert = tl.program_id(2).to(tl.int64)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    m_mask = offs_m[:, None] < N
-    n_mask = offs_n[None, :] < F
-    dy_rows = dy_ptr + offs_m[:, None] * stride_dyn + expert * stride_dye
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    dy_ptrs = dy_ptr + (row0 * stride_dyn + expert * stride_dye) + (rm[:, None] * stride_dyn + rk[None, :] * stride_dyd)
     # W2_e^T [D, F]: element (d, f) = w2[e, f, d].
-    w2t_cols = w2_ptr + expert * stride_w2e + offs_n[None, :] * stride_w2f
-    x_rows = x_ptr + offs_m[:, None] * stride_xn
-    w1_cols = w1_ptr + expert * stride_w1e + offs_n[None, :] * stride_w1f
-    w3_cols = w3_ptr + expert * stride_w3e + offs_n[None, :] * stride_w3f
+    w2t_ptrs = (
+        w2_ptr + (expert * stride_w2e + col0 * stride_w2f) + (rk[:, None] * stride_w2d + rn[None, :] * stride_w2f)
+    )
     acc_dh = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if RECOMPUTE:
+        x_ptrs = x_ptr + row0 * stride_xn + (rm[:, None] * stride_xn + rk[None, :] * stride_xd)
+        w1_ptrs = (
+            w1_ptr + (expert * stride_w1e + col0 * stride_w1f) + (rk[:, None] * stride_w1d + rn[None, :] * stride_w1f)
+        )
+        w3_ptrs = (
+            w3_ptr + (expert * stride_w3e + col0 * stride_w3f) + (rk[:, None] * stride_w3d + rn[None, :] * stride_w3f)
+        )
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k = k0 + offs_k
-        a_mask = m_mask & (k[None, :] < D)
-        b_mask = (k[:, None] < D) & n_mask
-        dy = tl.load(dy_rows + k[None, :] * stride_dyd, mask=a_mask, other=0.0)
-        w2t = tl.load(w2t_cols + k[:, None] * stride_w2d, mask=b_mask, other=0.0)
+        k_valid = rk < D - k0
+        a_mask = m_valid[:, None] & k_valid[None, :]
+        b_mask = k_valid[:, None] & n_valid[None, :]
+        dy = tl.load(dy_ptrs, mask=a_mask, other=0.0)
+        w2t = tl.load(w2t_ptrs, mask=b_mask, other=0.0)
         acc_dh = _mma(acc_dh, dy, w2t, PRECISION, UPCAST)
+        dy_ptrs += BLOCK_K * stride_dyd
+        w2t_ptrs += BLOCK_K * stride_w2d
         if RECOMPUTE:
-            x = tl.load(x_rows + k[None, :] * stride_xd, mask=a_mask, other=0.0)
-            w1 = tl.load(w1_cols + k[:, None] * stride_w1d, mask=b_mask, other=0.0)
-            w3 = tl.load(w3_cols + k[:, None] * stride_w3d, mask=b_mask, other=0.0)
+            x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+            w1 = tl.load(w1_ptrs, mask=b_mask, other=0.0)
+            w3 = tl.load(w3_ptrs, mask=b_mask, other=0.0)
             acc_g = _mma(acc_g, x, w1, PRECISION, UPCAST)
             acc_u = _mma(acc_u, x, w3, PRECISION, UPCAST)
-    h_offs = offs_m[:, None] * stride_hn + expert * stride_he + offs_n[None, :] * stride_hf
-    mask = m_mask & n_mask
+            x_ptrs += BLOCK_K * stride_xd
+            w1_ptrs += BLOCK_K * stride_w1d
+            w3_ptrs += BLOCK_K * stride_w3d
+    h_offs = (row0 * stride_hn + expert * stride_he + col0 * stride_hf) + (
+        rm[:, None] * stride_hn + rn[None, :] * stride_hf
+    )
+    mask = m_valid[:, None] & n_valid[None, :]
     if RECOMPUTE:
         gate = acc_g
         up = acc_u
@@ -283,35 +325,46 @@ def _dx(
     """dx = sum_e dG_e @ W1_e^T + dU_e @ W3_e^T for a [tokens, D] tile: G_e = x W1_e gives
     dx += dG_e W1_e^T (same for U). The K loop runs over (expert, F) so each program owns its output
     tile and no atomics are needed."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    m_mask = offs_m[:, None] < N
-    n_mask = offs_n[None, :] < D
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    dg_rows = dg_ptr + offs_m[:, None] * stride_hn
-    du_rows = du_ptr + offs_m[:, None] * stride_hn
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_valid = rm < N - pid_m * BLOCK_M
+    n_valid = rn < D - pid_n * BLOCK_N
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    a_offs = row0 * stride_hn + (rm[:, None] * stride_hn + rk[None, :] * stride_hf)
+    dg_ptrs = dg_ptr + a_offs
+    du_ptrs = du_ptr + a_offs
     # W1_e^T [F, D]: element (f, d) = w1[e, d, f].
-    w1t_cols = w1_ptr + offs_n[None, :] * stride_w1d
-    w3t_cols = w3_ptr + offs_n[None, :] * stride_w3d
+    w1t_ptrs = w1_ptr + col0 * stride_w1d + (rk[:, None] * stride_w1f + rn[None, :] * stride_w1d)
+    w3t_ptrs = w3_ptr + col0 * stride_w3d + (rk[:, None] * stride_w3f + rn[None, :] * stride_w3d)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    k_steps = (F + BLOCK_K - 1) // BLOCK_K
     for _ in range(0, E):
         for k0 in range(0, F, BLOCK_K):
-            k = k0 + offs_k
-            a_mask = m_mask & (k[None, :] < F)
-            b_mask = (k[:, None] < F) & n_mask
-            dg = tl.load(dg_rows + k[None, :] * stride_hf, mask=a_mask, other=0.0)
-            du = tl.load(du_rows + k[None, :] * stride_hf, mask=a_mask, other=0.0)
-            w1t = tl.load(w1t_cols + k[:, None] * stride_w1f, mask=b_mask, other=0.0)
-            w3t = tl.load(w3t_cols + k[:, None] * stride_w3f, mask=b_mask, other=0.0)
+            k_valid = rk < F - k0
+            a_mask = m_valid[:, None] & k_valid[None, :]
+            b_mask = k_valid[:, None] & n_valid[None, :]
+            dg = tl.load(dg_ptrs, mask=a_mask, other=0.0)
+            du = tl.load(du_ptrs, mask=a_mask, other=0.0)
+            w1t = tl.load(w1t_ptrs, mask=b_mask, other=0.0)
+            w3t = tl.load(w3t_ptrs, mask=b_mask, other=0.0)
             acc = _mma(acc, dg, w1t, PRECISION, UPCAST)
             acc = _mma(acc, du, w3t, PRECISION, UPCAST)
-        # Next expert: advance the (64-bit) pointers rather than multiplying e by a stride.
-        dg_rows += stride_he
-        du_rows += stride_he
-        w1t_cols += stride_w1e
-        w3t_cols += stride_w3e
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxn + offs_n[None, :] * stride_dxd
-    _store(dx_ptrs, acc, m_mask & n_mask, UPCAST)
+            dg_ptrs += BLOCK_K * stride_hf
+            du_ptrs += BLOCK_K * stride_hf
+            w1t_ptrs += BLOCK_K * stride_w1f
+            w3t_ptrs += BLOCK_K * stride_w3f
+        # Next expert: rewind the K advance and step by the expert stride (pointer arithmetic is
+        # 64-bit, and the loop index is not a tensor under the interpreter).
+        dg_ptrs += stride_he - k_steps * BLOCK_K * stride_hf
+        du_ptrs += stride_he - k_steps * BLOCK_K * stride_hf
+        w1t_ptrs += stride_w1e - k_steps * BLOCK_K * stride_w1f
+        w3t_ptrs += stride_w3e - k_steps * BLOCK_K * stride_w3f
+    dx_ptrs = dx_ptr + (row0 * stride_dxn + col0 * stride_dxd) + (rm[:, None] * stride_dxn + rn[None, :] * stride_dxd)
+    _store(dx_ptrs, acc, m_valid[:, None] & n_valid[None, :], UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,7 +675,8 @@ def _spec(plan: _Launch, dtype: torch.dtype) -> KernelSpec:
         constexprs=constexprs,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
-        matmul=True,
+        # Exact fp32 (ieee) products run on the FMA pipes by design: no tensor cores to expect.
+        matmul=dtype != torch.float32,
     )
 
 
