@@ -40,41 +40,47 @@ from moc_kernels.triton.compile_spec import KernelSpec
 
 # Launch configurations: the one place they live. Launchers read them (block sizes are clamped to
 # the problem for small shapes), and compile_specs() compiles exactly these for the report.
-# "bf16" also serves fp16. Tiles were chosen by compiling them for sm_80 and sm_90 (no spills, shared
-# memory within both limits, wgmma on sm_90): two 128x128 fp32 accumulators at 8 warps spill on sm_90,
-# so the dual-accumulator GEMMs use 128x64 tiles (2 x 32 fp32 registers per thread at 8 warps).
+# "bf16" also serves fp16. Tiles were chosen by compiling candidates for sm_80 and sm_90 at
+# SHIPPED_SHAPE (`python -m moc_kernels.report --ops expert_swiglu`): every bf16 config has 0 spill
+# bytes, fits shared memory on both, and lowers to wgmma on sm_90 / mma on sm_80. Spilling candidates
+# that were rejected: two 128x64 accumulators with BK=64 (gate_up: 96 B on sm_80 and sm_90), 128x64
+# dH with its G/U epilogue (96-128 B), 64x64 with BK=64 at 4 warps (all kernels: 100-2800 B).
+# Caveat: the report compiles without the divisibility-by-16 hints Triton adds at launch, so loads
+# are not vectorised there and registers are overstated (gate_up 128x64x64 w8 on sm_90: 255 regs +
+# 96 B spill without hints, 102 regs, 0 spill with them); the configs are clean either way.
+# fp32 runs exact (ieee) products on the FMA pipes, so its tiles are small.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # G/U = x W1/W3 (M = N tokens, N = F, K = D) and dW1/dW3 = x^T dG/dU (M = D, N = F, K = tokens).
     "gate_up": {
-        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "dw13": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # Y_e = H_e W2_e (M = N tokens, N = D, K = F) and dW2_e = H_e^T dY_e (M = F, N = D, K = tokens).
     "down": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "dw2": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dH = dY_e W2_e^T (M = N tokens, N = F, K = D), optionally with G, U recomputed (3 accumulators).
     "swiglu_grad": {
-        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     "swiglu_grad_recompute": {
-        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dx = sum_e dG_e W1_e^T + dU_e W3_e^T (M = N tokens, N = D, K = E * F).
     "dx": {
-        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
 }
 # The shape whose configs the compile report checks: GPT-2-small MoC (N = batch * seq).
