@@ -57,7 +57,7 @@ def _triton(x, w1, w3, w2):
         return mk.expert_swiglu(x, w1, w3, w2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
 def test_forward_and_grads_match_reference(kernel_module, dtype):
     x, w1, w3, w2, leaves = _inputs(dtype)
     dy = torch.randn(N, E, D).to(dtype)
@@ -161,3 +161,11 @@ def test_mixed_weight_dtype_is_cast_to_x_dtype(kernel_module):
     y.float().square().sum().backward()
     assert w1.grad is not None and w1.grad.dtype == torch.float32
     assert_rel_close(y, reference.expert_swiglu(xb, w1, w3, w2), torch.bfloat16, "Y")
+
+
+def test_zero_tokens(kernel_module):
+    x, w1, w3, w2, leaves = _inputs(torch.float32, shape=(0, *SMALL[1:]))
+    y = _triton(x, w1, w3, w2)
+    assert y.shape == (0, SMALL[3], SMALL[1])
+    grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
