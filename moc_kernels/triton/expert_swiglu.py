@@ -417,6 +417,12 @@ _META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 def _plan(fn, name, dtype, m, n, k, batch, args, extra_constexprs=()) -> _Launch:
     cfg = _config(name, dtype, m, n, k)
+    # Offsets inside a tile are 32-bit (tile origins and expert offsets are 64-bit): a row/column
+    # stride times a block size must stay below 2^31. Expert strides (names ending in "e") are exempt.
+    limit = 2**31 // max(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    for arg, value in args.items():
+        if arg.startswith("stride_") and not arg.endswith("e") and abs(value) >= limit:
+            raise ValueError(f"expert_swiglu: {arg}={value} is too large for 32-bit in-tile offsets (< {limit})")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), batch)
     return _Launch(
         fn=fn,
