@@ -96,13 +96,13 @@ def test_loss_falls_on_a_tiny_run(config):
     ids, targets = data[:, :-1], data[:, 1:]
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     losses = []
-    for _ in range(12):
+    for _ in range(10):
         out = lm(ids, targets)
         optimizer.zero_grad()
         (out.loss + out.aux_loss).backward()
         optimizer.step()
         losses.append(out.loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
 
 
 def test_bad_inputs_raise():
