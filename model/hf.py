@@ -47,7 +47,7 @@ class LunarisConfig(PretrainedConfig):
     """Hugging Face config holding every :class:`ModelConfig` field under its own name."""
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     # Standard names that generic HF code (caches, tools) reads, mapped onto ours.
     attribute_map = {
         "hidden_size": "d_model",
@@ -107,6 +107,10 @@ class LunarisPreTrainedModel(PreTrainedModel):
                 hf_init.normal_(block.ffn.w2.weight, 0.0, residual_std)
 
 
+# transformers 5.24 renamed the output's ``past_key_values`` field to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
     """LunarisLM as a transformers causal LM (``generate``, ``save_pretrained``, Auto classes)."""
 
@@ -133,7 +137,7 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -142,8 +146,10 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
         """input_ids [B, T] int64; labels [B, T] unshifted (HF convention), -100 ignored.
 
         Positions continue from the cache length. Padding is not supported: an attention_mask
-        with zeros raises (left-padded batches would need per-row positions).
+        with zeros raises (left-padded batches would need per-row positions). The KV cache comes as
+        ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier releases).
         """
+        cache = kwargs.pop("past_key_values", cache)
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("LunarisForCausalLM needs input_ids (inputs_embeds is not supported)")
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
@@ -151,7 +157,6 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
                 "LunarisForCausalLM does not support padded batches (attention_mask has zeros); "
                 "pass unpadded sequences of equal length"
             )
-        cache = past_key_values
         if cache is None and use_cache:
             cache = DynamicCache(config=self.config)
         start_pos = cache.get_seq_length() if cache is not None else 0
@@ -160,7 +165,7 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
             # LunarisLM takes targets already shifted: targets[:, t] = labels[:, t + 1].
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         out = self.model(input_ids, targets, kv_cache=cache, start_pos=start_pos)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE_FIELD: cache})
 
 
 # ---------------------------------------------------------------------------------------------

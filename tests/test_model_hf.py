@@ -87,14 +87,24 @@ def test_labels_loss_is_the_shifted_main_loss(exported):
         torch.testing.assert_close(hf(ids, labels=labels).loss, lm(ids, targets).loss)
 
 
+def greedy(lm: LunarisLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding the slow way: the whole sequence through the model at every step, no cache."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, lm(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
 def test_generate_with_and_without_cache_agree(exported):
-    _, out = exported
+    lm, out = exported
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     prompt = torch.randint(0, VOCAB, (2, 5))
     kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     cached = hf.generate(prompt, use_cache=True, **kwargs)
     uncached = hf.generate(prompt, use_cache=False, **kwargs)
-    assert cached.shape == (2, 13) and torch.equal(cached, uncached)
+    assert torch.equal(cached, greedy(lm, prompt, 8))
+    assert torch.equal(uncached, cached)
     torch.manual_seed(3)
     sampled = hf.generate(prompt, do_sample=True, top_p=0.9, temperature=0.8, max_new_tokens=6, eos_token_id=None)
     assert sampled.shape == (2, 11) and torch.equal(sampled[:, :5], prompt)
@@ -172,4 +182,5 @@ def test_trust_remote_code_in_a_fresh_process(exported, tmp_path):
     assert res["leaked"] == [] and "transformers_modules" in res["module"]
     with torch.no_grad():
         assert torch.equal(res["logits"], lm(ids).logits)
-    assert torch.equal(res["cached"], res["uncached"])
+    assert torch.equal(res["cached"], greedy(lm, ids[:, :4], 6))
+    assert torch.equal(res["uncached"], res["cached"])
