@@ -21,20 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
-if not torch.cuda.is_available():
-    # Triton reads TRITON_INTERPRET when it is first imported, and moc_kernels.backend imports it
-    # before kernel_module() sets the variable: set it before anything imports triton.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moc_kernels  # noqa: E402
-from benchmarks.moc_layer import build_moc_module  # noqa: E402
-from benchmarks.shapes import GPT2_SMALL, BenchShape  # noqa: E402
+import moc_kernels
+from benchmarks.moc_layer import build_moc_module
+from benchmarks.shapes import GPT2_SMALL, BenchShape
 
 TARGET_RATIO = 0.6
 PROBE_TOKENS = 8

@@ -37,24 +37,21 @@ def with_backend(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def require_triton(device: torch.device, op: str | None = None) -> None:
-    """Skip unless the Triton kernels can be timed here (CUDA) and, if given, ``op``'s kernel exists."""
+def require_triton(device: torch.device) -> None:
+    """Skip unless the Triton kernels can be timed here (on CUDA)."""
     if device.type != "cuda":
         pytest.skip(INTERPRETER_SKIP)
-    if op is not None:
-        try:
-            moc_kernels.backend.kernel_module(op)
-        except NotImplementedError as err:
-            pytest.skip(str(err))
+    if moc_kernels.backend.triton_problem():
+        pytest.skip(f"Triton kernels unavailable: {moc_kernels.backend.triton_problem()}")
 
 
-def implementation(fn_name: str, impl: str, device: torch.device, op: str | None = None) -> Callable[..., Any]:
+def implementation(fn_name: str, impl: str, device: torch.device) -> Callable[..., Any]:
     """The public op ``fn_name`` (e.g. ``expert_swiglu``, ``fused_logit_nll_multi``) as ``impl``."""
     if impl == "reference":
         return getattr(reference, fn_name)
     if impl == "compile":
         return compiled(getattr(reference, fn_name))
     if impl == "triton":
-        require_triton(device, op or fn_name)
+        require_triton(device)
         return with_backend("triton", getattr(moc_kernels, fn_name))
     raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")

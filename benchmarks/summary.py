@@ -8,7 +8,7 @@
 Writes ``DIR/summary.md`` (default: next to RESULTS.json) and ``DIR/benchmarks.png``, and prints the
 markdown. Sections: timings (median per implementation, tokens/s, the time ratios triton/reference,
 triton/compile and reference/loop: below 1 means the first is faster), the compile report
-(``python -m moc_kernels.report --json`` in a subprocess without TRITON_INTERPRET), the cost model
+(``python -m moc_kernels.report --json`` in a subprocess), the cost model
 (labelled as a model), and the activation-memory result when given.
 """
 
@@ -118,13 +118,13 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def compile_report_rows(report_json: str | Path | None = None) -> list[dict[str, Any]] | str:
     """Rows of ``python -m moc_kernels.report --json``: read from ``report_json``, or run in a subprocess
-    without TRITON_INTERPRET (the report compiles for real GPUs). A string says why there are none."""
+    with TRITON_INTERPRET=0 (the report compiles for real GPUs). A string says why there are none."""
     if report_json is not None:
         try:
             return json.loads(Path(report_json).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise SummaryError(f"cannot read compile-report JSON {str(report_json)!r}: {err}") from None
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "moc_kernels.report", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:

@@ -127,7 +127,7 @@ def test_kotara_fusion_step(benchmark, device, shape, impl):
     from kotara.similarity import token_stats
 
     if impl == "triton":
-        require_triton(device, "fused_logit_nll")
+        require_triton(device)
     fuse = (
         compiled(moc_kernels.reference.fused_logit_nll_multi)
         if impl == "compile"
@@ -172,7 +172,7 @@ def test_kotara_evaluation(benchmark, device, shape, impl):
     from kotara.windows import rolling_windows
 
     if impl == "triton":
-        require_triton(device, "fused_logit_nll")
+        require_triton(device)
     if device.type == "cuda":
         width, layers, heads, max_length, num_tokens, batch = 768, 12, 12, 1024, 16385, 8
     else:

@@ -106,7 +106,7 @@ def test_fused_logit_nll(benchmark, device, shape, impl, strategies):
     import moc_kernels
 
     names = STRATEGIES_ONE if strategies == "one" else list(moc_kernels.STRATEGIES)
-    fn = implementation("fused_logit_nll_multi", impl, device, op="fused_logit_nll")
+    fn = implementation("fused_logit_nll_multi", impl, device)
     sets = []
     for _ in range(2):  # logits are the largest inputs (2 x 1.6 GB per set on CUDA)
         logits = [_rand(shape.tokens, shape.vocab, shape=shape, device=device) * 3 for _ in range(shape.models)]

@@ -215,10 +215,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
-    if moc_kernels.get_backend() == "triton" and not torch.cuda.is_available():
-        # Triton fixes interpret-or-compile when triton.language is first imported, and transformers
-        # may import triton before moc_kernels.backend gets to set this: set it before any model code.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():

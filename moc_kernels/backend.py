@@ -9,15 +9,21 @@ Backends:
 The choice comes from, in order: ``use_backend(...)`` / ``set_backend(...)``, the environment
 variable ``MOC_KERNELS``, then ``auto``.
 
-Triton decides interpret-or-compile when a kernel is *decorated*, i.e. when the kernel module is
-first imported. So kernel modules are only ever imported through :func:`kernel_module`, which sets
-``TRITON_INTERPRET=1`` first when there is no GPU.
+Triton decides interpret-or-compile when a function is *decorated*, and its own ``tl.max``,
+``tl.sum``... are decorated when ``triton.language`` is first imported. So on a machine without
+CUDA, importing ``moc_kernels`` sets ``TRITON_INTERPRET=1`` unless the environment already says
+otherwise or Triton was imported first (then the ``triton`` backend explains what to do).
+
+The kernel modules are imported with the package (when Triton is installed), and everything
+:func:`resolve` reads is a global or an environment variable, so ``torch.compile`` traces through
+the dispatch without graph breaks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -62,22 +68,24 @@ def use_backend(name: str) -> Iterator[None]:
         _selected = previous
 
 
-def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+KERNEL_OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll")
 
 
-def resolve(device: torch.device) -> str:
-    """The implementation (``triton`` or ``reference``) that runs for tensors on ``device``."""
-    name = get_backend()
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
-    if name == "triton" and not triton_available():
-        raise RuntimeError("kernels backend 'triton' requested but the triton package is not installed")
-    return name
+def _interpreter_problem() -> str | None:
+    """Switch Triton to its interpreter where there is no GPU; say why kernels cannot run, if so."""
+    if not TRITON_INSTALLED:
+        return "the triton package is not installed"
+    if torch.cuda.is_available():
+        return None
+    if "TRITON_INTERPRET" not in os.environ and "triton.language" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if not interpreting():
+        return (
+            "there is no CUDA GPU and Triton's interpreter is off (TRITON_INTERPRET is not 1, or "
+            "triton was imported before moc_kernels); set TRITON_INTERPRET=1 before starting Python"
+        )
+    return None
 
 
 def interpreting() -> bool:
@@ -85,14 +93,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot run in this process (on the GPU, or interpreted without one); None if they can."""
+    return _TRITON_PROBLEM
+
+
+def resolve(device: torch.device) -> str:
+    """The implementation (``triton`` or ``reference``) that runs for tensors on ``device``."""
+    name = get_backend()
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _TRITON_PROBLEM is None else "reference"
+    if name == "triton" and _TRITON_PROBLEM is not None:
+        raise RuntimeError(f"kernels backend 'triton' requested, but {_TRITON_PROBLEM}")
+    return name
+
+
 def kernel_module(op: str) -> ModuleType:
-    """Import ``moc_kernels.triton.<op>``, switching Triton to its interpreter when there is no GPU."""
-    name = f"moc_kernels.triton.{op}"
-    if name not in sys.modules and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        raise NotImplementedError(f"no Triton kernel for {op!r} yet; use the 'reference' backend") from None
+    """The Triton module ``moc_kernels.triton.<op>`` (imported with the package)."""
+    if op not in _KERNEL_MODULES:
+        raise RuntimeError(f"no Triton kernels for {op!r}: {_TRITON_PROBLEM or 'unknown op'}")
+    return _KERNEL_MODULES[op]
+
+
+_TRITON_PROBLEM = _interpreter_problem()
+_KERNEL_MODULES: dict[str, ModuleType] = (
+    {op: importlib.import_module(f"moc_kernels.triton.{op}") for op in KERNEL_OPS} if TRITON_INSTALLED else {}
+)

@@ -8,13 +8,14 @@ registers per thread, spilled bytes (stack + local), shared memory (bytes of dyn
 the launch requests), and whether the matrix products lowered to tensor-core instructions
 (``wgmma``: HGMMA in the SASS on sm_90a; ``mma``: HMMA on sm_80).
 
-Must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the JIT functions).
+The kernels must be compiled, not interpreted: on a machine without CUDA, where importing
+``moc_kernels`` switches Triton to its interpreter, the command re-runs itself with
+``TRITON_INTERPRET=0``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -78,19 +79,12 @@ def compile_row(spec, cc: int) -> dict:
 
 
 def kernel_specs(ops=OPS) -> list:
-    """(op, KernelSpec) for every shipped config of the kernel modules that exist (no interpreter)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("the compile report needs the real Triton compiler: unset TRITON_INTERPRET")
-    specs = []
-    for op in ops:
-        try:
-            module = importlib.import_module(f"moc_kernels.triton.{op}")
-        except ModuleNotFoundError as err:
-            if err.name != f"moc_kernels.triton.{op}":
-                raise
-            continue
-        specs.extend((op, spec) for spec in module.compile_specs())
-    return specs
+    """(op, KernelSpec) for every shipped config of the given ops (needs the real compiler)."""
+    from moc_kernels import backend
+
+    if backend.interpreting():
+        raise RuntimeError("the compile report needs the real Triton compiler: run with TRITON_INTERPRET=0")
+    return [(op, spec) for op in ops for spec in backend.kernel_module(op).compile_specs()]
 
 
 def collect(ops=OPS, archs=ARCHS) -> list[dict]:
@@ -131,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not archs or set(archs) - set(ARCHS):
         print(f"error: --ops must name {', '.join(OPS)} and --arch 80 and/or 90", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("error: unset TRITON_INTERPRET: the report compiles for real GPUs", file=sys.stderr)
-        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # kernels decorated for the interpreter: start afresh
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        cmd = [sys.executable, "-m", "moc_kernels.report", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
     rows = collect(ops, archs)
     if args.json:
         print(json.dumps(rows, indent=1))

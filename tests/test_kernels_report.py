@@ -1,7 +1,7 @@
 """The offline compile report: every shipped config compiles for sm_80/sm_90 without spills.
 
-Runs in subprocesses: the report needs the real Triton compiler, while the kernel tests in this
-process switch Triton to its interpreter.
+Runs in subprocesses with TRITON_INTERPRET=0: the report needs the real Triton compiler, while this
+process (no GPU) runs Triton under its interpreter.
 """
 
 import json
@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(args: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 

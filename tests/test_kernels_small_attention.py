@@ -1,18 +1,12 @@
 """Triton small_attention vs its reference: forward, entropy, and q/k/v gradients (interpreter on CPU)."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Triton decides interpret-or-compile when `triton.language` is first imported, and
-    # moc_kernels.backend.resolve() imports triton before kernel_module() sets TRITON_INTERPRET.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moc_kernels as mk  # noqa: E402
-from moc_kernels import backend, reference  # noqa: E402
-from tests.conftest import assert_rel_close  # noqa: E402
+import moc_kernels as mk
+from moc_kernels import backend, reference
+from tests.conftest import assert_rel_close
 
 pytestmark = pytest.mark.triton
 
@@ -111,13 +105,9 @@ def test_single_dominant_score_gives_zero_entropy(nan_outputs):
 
 def test_torch_compile_fullgraph_matches_eager():
     q, k, v = make_qkv(3, 20, torch.float32, num_tokens=9)
-    # The op itself (custom ops with fake and autograd registrations), fetched the way ops.py does:
-    # dynamo cannot trace backend.resolve()'s importlib call, so mk.small_attention breaks the graph
-    # until the backend switch is made traceable (reported to its owner).
-    small_attention = backend.kernel_module("small_attention").small_attention
-
+    # The public op: the backend dispatch and the custom op (fake + autograd) trace without breaks.
     def loss_fn(q, k, v):
-        out, entropy = small_attention(q, k, v, return_entropy=True)
+        out, entropy = mk.small_attention(q, k, v, return_entropy=True)
         return (out * out).sum() - entropy.mean()
 
     with mk.use_backend("triton"):

@@ -1,18 +1,12 @@
 """Triton topk_gather vs its reference: forward and backward are exact copies (interpreter on CPU)."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Triton decides interpret-or-compile when `triton.language` is first imported, and
-    # moc_kernels.backend.resolve() imports triton before kernel_module() sets TRITON_INTERPRET.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moc_kernels as mk  # noqa: E402
-from moc_kernels import backend, reference  # noqa: E402
-from tests.conftest import assert_rel_close  # noqa: E402
+import moc_kernels as mk
+from moc_kernels import backend, reference
+from tests.conftest import assert_rel_close
 
 pytestmark = pytest.mark.triton
 
@@ -79,18 +73,15 @@ def test_gradient_of_a_non_contiguous_upstream_grad(nan_outputs):
 def test_torch_compile_fullgraph_matches_eager():
     y = torch.randn(9, NUM_EXPERTS, DIM).requires_grad_()
     idx = random_indices(9, NUM_EXPERTS, 2)
-    # The op itself (custom ops with fake and autograd registrations), fetched the way ops.py does:
-    # dynamo cannot trace backend.resolve()'s importlib call, so mk.topk_gather breaks the graph
-    # until the backend switch is made traceable (reported to its owner).
-    topk_gather = backend.kernel_module("topk_gather").topk_gather
-
+    # The public op: the backend dispatch and the custom op (fake + autograd) trace without breaks.
     def loss_fn(y, idx):
-        return (topk_gather(y, idx) ** 2).sum()
+        return (mk.topk_gather(y, idx) ** 2).sum()
 
-    eager_loss = loss_fn(y, idx)
-    (eager_grad,) = torch.autograd.grad(eager_loss, y)
-    compiled_loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(y, idx)
-    (compiled_grad,) = torch.autograd.grad(compiled_loss, y)
+    with mk.use_backend("triton"):
+        eager_loss = loss_fn(y, idx)
+        (eager_grad,) = torch.autograd.grad(eager_loss, y)
+        compiled_loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(y, idx)
+        (compiled_grad,) = torch.autograd.grad(compiled_loss, y)
     assert torch.equal(compiled_loss, eager_loss)
     assert torch.equal(compiled_grad, eager_grad)
 

@@ -7,15 +7,9 @@ Tiny GPT-2 models and a word-level tokenizer are built in a temporary directory:
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # As in test_kernels_fused_logit_nll.py: Triton picks interpret-or-compile when triton.language is
-    # first imported, which may happen (via moc_kernels.backend or transformers) before kernel_module().
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 from conftest import TOLERANCE, assert_rel_close
 from test_kotara_support import build_gpt2, build_tokenizer, one_torch_thread, write_corpus  # noqa: F401
 

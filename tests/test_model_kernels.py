@@ -5,26 +5,14 @@ Triton's interpreter.
 """
 
 import copy
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# Triton decides interpret-or-compile for every @jit function when it is decorated, including
-# triton.language's own helpers, which are decorated when triton.language is first imported, and
-# transformers imports it. If some earlier test module imported transformers (or the model) first,
-# this process cannot run the kernels under the interpreter any more.
-LATE_INTERPRETER = (
-    not torch.cuda.is_available() and "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moc_kernels  # noqa: E402
-from model import LunarisLM, ModelConfig  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+import moc_kernels
+from model import LunarisLM, ModelConfig
+from tests.conftest import rel_err
 
 MODEL_OPS = ("expert_swiglu", "small_attention", "topk_gather")
 KERNEL_DIR = Path(moc_kernels.__file__).parent / "triton"
@@ -35,11 +23,6 @@ MODEL_TOLERANCE = 1e-4
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(bool(MISSING), reason=f"Triton kernels not written yet: moc_kernels/triton/{MISSING}.py"),
-    pytest.mark.skipif(
-        LATE_INTERPRETER,
-        reason="triton.language was imported before TRITON_INTERPRET=1 was set (by an earlier test module "
-        "importing transformers); run with TRITON_INTERPRET=1 or together with tests/test_kernels_*.py",
-    ),
 ]
 
 

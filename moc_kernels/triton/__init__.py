@@ -1,5 +1,5 @@
 """Triton kernels, one module per op (kernels, launchers, autograd.Function, custom_op).
 
-Import these modules only through ``moc_kernels.backend.kernel_module``: it switches Triton to its
-interpreter first when there is no GPU (Triton decides that when a kernel is decorated).
+``moc_kernels.backend`` imports them (after switching Triton to its interpreter when there is no GPU:
+Triton decides that when a kernel is decorated); get one with ``backend.kernel_module(op)``.
 """
