@@ -74,8 +74,9 @@ def strategy_weights(strategy: str, entropy: torch.Tensor, gap: torch.Tensor, fi
 TOP2_BLOCKS = 256
 
 
-def _top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest and second-largest entry of every row (a tied maximum counts twice): logits [n, V] -> 2 x [n] fp32.
+def _top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Largest and second-largest entry of every row (a tied maximum counts twice), and a column
+    holding the largest: logits [n, V] -> [n] fp32, [n] fp32, [n, 1] int64.
 
     ``topk``, ``max(dim)`` and ``argmax`` are slow on CPU (~150 ms per 2048 x 50257) while ``amax``
     is fast, so: split each row into TOP2_BLOCKS strided blocks (block j = columns j, j + B, j + 2B,
@@ -85,7 +86,8 @@ def _top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     rows, vocab = logits.shape
     if vocab < 2:
-        return logits.float().squeeze(1), torch.full((rows,), float("-inf"), device=logits.device)
+        second = torch.full((rows,), float("-inf"), device=logits.device)
+        return logits.float().squeeze(1), second, torch.zeros(rows, 1, dtype=torch.int64, device=logits.device)
     blocks = max(1, min(TOP2_BLOCKS, vocab // 2))
     per_block = vocab // blocks  # >= 2; columns past per_block * blocks (< blocks of them) are the tail
     main = per_block * blocks
@@ -101,8 +103,9 @@ def _top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inside = logits.gather(1, members).float()
     if tail:  # a repeated first column must not count as a tie
         inside[:, -1].masked_fill_(best.squeeze(1) >= tail, float("-inf"))
-    inside2 = inside.topk(2, dim=1).values
-    return block_max.amax(1), torch.maximum(best2.values[:, 1], inside2[:, 1])
+    inside2 = inside.topk(2, dim=1)
+    argmax = members.gather(1, inside2.indices[:, :1])
+    return block_max.amax(1), torch.maximum(best2.values[:, 1], inside2.values[:, 1]), argmax
 
 
 def _model_stats(
@@ -115,12 +118,16 @@ def _model_stats(
     scratch. Returns four [n] fp32 tensors. Preallocated buffers and in-place steps keep this to a
     handful of passes over V, all but the first from cache (it is the fusion's hot loop on CPU).
     """
-    row_max, second = _top2(logits)
+    row_max, second, argmax = _top2(logits)
     torch.sub(logits, row_max[:, None], out=shifted)  # fp32 (type promotion), max entry exactly 0
     if temperature != 1.0:
         shifted.mul_(1.0 / temperature)
-    sum_exp = torch.exp(shifted, out=exp).sum(-1)
-    p_dot_s = exp.mul_(shifted).sum(-1)  # sum p s, unnormalised
+    # sum exp(s) = 1 + rest, rest summed without one maximum's e^0 = 1: log1p(rest) keeps the precision
+    # that log(1 + rest) loses on peaked rows (entropy ~ rest there, and the entropy weights divide by it).
+    rest = torch.exp(shifted, out=exp).scatter_(1, argmax, 0.0).sum(-1)
+    rest.masked_fill_(row_max == float("inf"), float("nan"))  # its e^(inf - inf) was just overwritten
+    sum_exp = 1.0 + rest
+    p_dot_s = exp.mul_(shifted).sum(-1)  # sum p s, unnormalised (the maximum's s is 0 anyway)
     # A -inf logit makes 0 * (-inf) = NaN in that sum. Such rows are rare: redo them with s clamped
     # to a finite minimum (exp is 0 there) rather than clamping every row. Rows whose maximum is
     # NaN or +inf stay NaN, as documented. (Checked on the [n] result: one sync, no pass over V.)
@@ -128,7 +135,7 @@ def _model_stats(
     if poisoned.any():
         clamped = shifted[poisoned].clamp_(min=torch.finfo(torch.float32).min)
         p_dot_s[poisoned] = (clamped.exp() * clamped).sum(-1)
-    log_sum_exp = sum_exp.log()
+    log_sum_exp = rest.log1p()
     entropy = log_sum_exp - p_dot_s / sum_exp  # H = lse(s) - sum p s
     gap = (1.0 - ((second - row_max) / temperature).exp()) / sum_exp  # (e^0 - e^(s_2)) / sum e^s
     return row_max, log_sum_exp + row_max / temperature, entropy, gap

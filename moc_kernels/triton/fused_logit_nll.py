@@ -4,8 +4,9 @@ Same semantics as ``moc_kernels.reference.fused_logit_nll`` (its docstring is th
 non-finite rules, IGNORE_INDEX targets). Two passes over the vocabulary, one program per row:
 
   pass 1 ``_model_stats_kernel`` (once per model): an online sweep over V in tiles keeps the running
-    maximum m, s = sum exp(z - m), u = sum exp(z - m) (z - m) and the second-largest z, with
-    z = logits / T; it also reads the target's logit. Out: lse, entropy, top1-top2 probability gap
+    maximum m, s = sum exp(z - m), u = sum exp(z - m) (z - m), r = s - 1 (the sum without one entry
+    at the maximum, so that log s = log1p(r) keeps its precision on peaked rows, where the entropy
+    weights need it) and the second-largest z, with z = logits / T; it also reads the target's logit. Out: lse, entropy, top1-top2 probability gap
     and z[target] per model and row ([M, N] fp32 each).
   weights (torch, [M, N], tiny): ``strategy_weights`` of the reference, from those statistics.
     The linear pools (mixture*) are finished here: log q[t] = logsumexp_i(log a_i + z_i[t] - lse_i).
@@ -92,6 +93,7 @@ def _model_stats_kernel(
     run_second = tl.full((), float("-inf"), tl.float32)
     sum_exp = tl.full((), 0.0, tl.float32)  # s = sum exp(z - m)
     sum_exp_shift = tl.full((), 0.0, tl.float32)  # u = sum exp(z - m) (z - m)
+    sum_exp_rest = tl.full((), 0.0, tl.float32)  # r = s - 1, summed without the running maximum's e^0
     for start in tl.range(0, vocab_size, BLOCK_V):
         offs = start + cols
         z = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
@@ -99,7 +101,8 @@ def _model_stats_kernel(
         tile_max = tl.max(z, 0)
         at_max = z == tile_max
         tile_second = tl.max(tl.where(at_max, float("-inf"), z), 0)
-        tile_second = tl.where(tl.sum(at_max.to(tl.int32), 0) > 1, tile_max, tile_second)
+        ties = tl.sum(at_max.to(tl.int32), 0)
+        tile_second = tl.where(ties > 1, tile_max, tile_second)
         new_max = tl.maximum(run_max, tile_max)
         run_second = tl.maximum(tl.maximum(run_second, tile_second), tl.minimum(run_max, tile_max))
         # Rescaling to the new maximum m' (d = m - m' <= 0):
@@ -113,8 +116,19 @@ def _model_stats_kernel(
         e_shift = e * tl.where(z == float("-inf"), 0.0, z_shift)
         sum_exp_shift = rescale * (sum_exp_shift + shift * sum_exp) + tl.sum(e_shift, 0)
         sum_exp = rescale * sum_exp + tl.sum(e, 0)
+        # r' = e^d r + (the tile without one of its maxima) + e^(old or tile maximum - m'), whichever
+        # of the two maxima is not the new one (ties with the running maximum add their e^0 = 1).
+        e_tile_max = tl.exp(tile_max - new_max)
+        tile_rest = tl.sum(tl.where(at_max, 0.0, e), 0) + (ties - 1).to(tl.float32) * e_tile_max
+        sum_exp_rest = rescale * sum_exp_rest + tile_rest + tl.where(tile_max > run_max, rescale, e_tile_max)
         run_max = new_max
-    log_sum_exp = tl.log(sum_exp)
+    # log s = log1p(r) (Kahan's form, exact to rounding for small r); s = 0 (no finite logit) and
+    # s = NaN (+inf or NaN logits) keep log s.
+    one_plus_rest = 1.0 + sum_exp_rest
+    log1p_rest = tl.where(
+        one_plus_rest == 1.0, sum_exp_rest, tl.log(one_plus_rest) * (sum_exp_rest / (one_plus_rest - 1.0))
+    )
+    log_sum_exp = tl.where(sum_exp > 0, log1p_rest, tl.log(sum_exp))
     # H = -sum p log p with p = e^(z - m) / s:  H = log s - u / s.
     entropy = log_sum_exp - sum_exp_shift / sum_exp
     # p(top1) - p(top2) = (e^0 - e^(second - m)) / s.
