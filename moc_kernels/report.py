@@ -1,6 +1,6 @@
 """Offline compile evidence: every shipped kernel configuration compiled for sm_80 and sm_90.
 
-    python -m moc_kernels.report [--json] [--ops expert_swiglu,...] [--arch 80,90]
+    python -m moc_kernels.report [--json | --summary] [--ops expert_swiglu,...] [--arch 80,90]
 
 No GPU is needed: ``triton.compile`` targets a ``GPUTarget`` directly, and the ``cuobjdump``
 bundled in Triton's package reads the resulting cubin. For each kernel x config x arch it reports
@@ -113,9 +113,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(rows: list[dict]) -> str:
+    """One line per kernel and arch: how many configs, register range, spills, largest shared memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"]), []).append(r)
+    lines = [
+        "| kernel | arch | configs | registers | spill bytes | max shared KiB | tensor cores |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for (kernel, arch), group in groups.items():
+        regs = sorted(r["registers"] for r in group)
+        cores = sorted({r["tensor_cores"] or "-" for r in group})
+        lines.append(
+            f"| {kernel} | {arch} | {len(group)} | {regs[0]}-{regs[-1]} | {sum(r['spill_bytes'] for r in group)} "
+            f"| {max(r['shared_bytes'] for r in group) / 1024:.0f} | {', '.join(cores)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moc_kernels.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+    parser.add_argument("--summary", action="store_true", help="one line per kernel and arch instead of per config")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
     args = parser.parse_args(argv)
@@ -133,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(format_table(rows))
+        print(format_summary(rows) if args.summary else format_table(rows))
         issues = problems(rows)
         print(f"\n{len(rows)} compiled; " + ("all clean" if not issues else "problems:\n  " + "\n  ".join(issues)))
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moc_kernels.report import OPS, SHARED_LIMIT_BYTES, problems
+from moc_kernels.report import OPS, SHARED_LIMIT_BYTES, format_summary, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +97,18 @@ def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
     }
     assert problems(rows) == []
     assert any(r["matmul"] for r in rows), "no GEMM-shaped kernel declared"
+
+
+def test_summary_aggregates_per_kernel_and_arch():
+    def row(kernel, arch, registers, spill, shared, cores):
+        return dict(kernel=kernel, config="c", arch=arch, registers=registers, spill_bytes=spill,
+                    shared_bytes=shared, tensor_cores=cores, matmul=True)
+
+    rows = [row("k1", "sm_90", 96, 0, 2048, "wgmma"), row("k1", "sm_90", 168, 8, 65536, "wgmma"),
+            row("k1", "sm_80", 128, 0, 1024, "mma"), row("k2", "sm_80", 40, 0, 0, None)]
+    lines = format_summary(rows).splitlines()[2:]
+    assert lines == [
+        "| k1 | sm_90 | 2 | 96-168 | 8 | 64 | wgmma |",
+        "| k1 | sm_80 | 1 | 128-128 | 0 | 1 | mma |",
+        "| k2 | sm_80 | 1 | 40-40 | 0 | 0 | - |",
+    ]

@@ -6,8 +6,9 @@ non-finite rules, IGNORE_INDEX targets). Two passes over the vocabulary, one pro
   pass 1 ``_model_stats_kernel`` (once per model): an online sweep over V in tiles keeps the running
     maximum m, s = sum exp(z - m), u = sum exp(z - m) (z - m), r = s - 1 (the sum without one entry
     at the maximum, so that log s = log1p(r) keeps its precision on peaked rows, where the entropy
-    weights need it) and the second-largest z, with z = logits / T; it also reads the target's logit. Out: lse, entropy, top1-top2 probability gap
-    and z[target] per model and row ([M, N] fp32 each).
+    weights need it) and the second-largest z, with z = logits / T; it also reads the target's
+    logit. Out: lse, entropy, top1-top2 probability gap and z[target] per model and row ([M, N]
+    fp32 each).
   weights (torch, [M, N], tiny): ``strategy_weights`` of the reference, from those statistics.
     The linear pools (mixture*) are finished here: log q[t] = logsumexp_i(log a_i + z_i[t] - lse_i).
   pass 2 ``_fused_lse_kernel`` (log-linear pools only): the log-sum-exp over V of
