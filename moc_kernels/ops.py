@@ -61,6 +61,8 @@ def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     )
     _require(idx.dtype == torch.int64, f"topk_gather: idx must be int64, got {idx.dtype}")
     _require(idx.shape[1] <= y.shape[1], f"topk_gather: k={idx.shape[1]} exceeds E={y.shape[1]}")
+    # The kernel would read out of bounds: check on the device, without waiting for it (no host sync).
+    torch._assert_async(((idx >= 0) & (idx < y.shape[1])).all(), f"topk_gather: idx outside [0, E={y.shape[1]})")
     return _implementation("topk_gather", y.device)(y, idx)
 
 

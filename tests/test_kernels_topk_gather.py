@@ -121,3 +121,13 @@ def test_gather_matmul_strided_weight_and_bad_weight(nan_outputs):
     assert_rel_close(gather_matmul(y, idx, w), gather_matmul_reference(y, idx, w), torch.float32, "out")
     with pytest.raises(ValueError, match="gather_matmul: w must be"):
         gather_matmul(y, idx, torch.randn(DIM + 1, 8))
+
+
+@pytest.mark.parametrize("bad", [-1, NUM_EXPERTS])
+def test_indices_out_of_range_are_an_error(bad):
+    y = torch.randn(4, NUM_EXPERTS, DIM)
+    idx = torch.tensor([[0, 1]] * 4)
+    idx[2, 1] = bad
+    for name in ("triton", "reference"):
+        with mk.use_backend(name), pytest.raises(RuntimeError, match=r"idx outside \[0, E=6\)"):
+            mk.topk_gather(y, idx)
