@@ -4,7 +4,7 @@ CUDA: ``triton.testing.do_bench`` median (CUDA events, L2 flushed before every c
 warm-up, cycling through several input sets so no call reuses the previous one's inputs; the
 pytest-benchmark stats of the same case (a few synchronised rounds) are kept too, but the summary
 reads ``extra_info["median_ms"]``. CPU: pytest-benchmark's own rounds (``time.perf_counter``) after
-one warm-up call (3 to 30 rounds, about 0.5 s per case), again cycling through the input sets.
+one warm-up call (10 to 30 rounds, about 1 s per case), again cycling through the input sets.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-CPU_MIN_ROUNDS, CPU_MAX_ROUNDS, CPU_TARGET_S = 3, 30, 0.5
+CPU_MIN_ROUNDS, CPU_MAX_ROUNDS, CPU_TARGET_S = 10, 30, 1.0
 
 
 @functools.cache

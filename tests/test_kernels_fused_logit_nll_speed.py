@@ -45,6 +45,7 @@ def test_reference_speed_relative_to_log_softmax(one_thread):
                 best[name] = min(best[name], time.perf_counter() - start)
     ratios = {name: seconds / best["log_softmax"] for name, seconds in best.items()}
     report = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+    print(f"\nfused_logit_nll reference / log_softmax at {ROWS} x {VOCAB}, 1 thread: {report}")  # pytest -s
     for strategy in mk.STRATEGIES:
         assert ratios[strategy] <= SINGLE_BOUND, f"{strategy} too slow: {report}"
     assert ratios["multi"] <= MULTI_BOUND, f"all strategies together too slow: {report}"
