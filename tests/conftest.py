@@ -22,5 +22,19 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n
 
 
 @pytest.fixture(autouse=True)
+def _kernel_tests_on_the_gpu(request):
+    """Tests marked ``triton`` create their tensors on the GPU where there is one (the compiled
+    kernels), else on the CPU (Triton's interpreter): both through the default device."""
+    if not (torch.cuda.is_available() and request.node.get_closest_marker("triton")):
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -38,7 +38,7 @@ def _load(workspace, names, max_tokens=None):
     """Tokenizer, models and text; ``max_tokens`` keeps only the text's first tokens (faster tests)."""
     tokenizer = loading.load_tokenizer(str(workspace["a"]))
     models = [
-        loading.load_model(str(workspace[n]), loading.model_label(i), torch.device("cpu"), torch.float32)
+        loading.load_model(str(workspace[n]), loading.model_label(i), torch.get_default_device(), torch.float32)
         for i, n in enumerate(names)
     ]
     text = loading.tokenize_file(tokenizer, str(workspace["text"]))
