@@ -24,7 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll")
+from moc_kernels import backend
+from moc_kernels.backend import KERNEL_OPS as OPS
+
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (opt-in), per compute capability.
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 90: 227 * 1024}
@@ -80,8 +82,6 @@ def compile_row(spec, cc: int) -> dict:
 
 def kernel_specs(ops=OPS) -> list:
     """(op, KernelSpec) for every shipped config of the given ops (needs the real compiler)."""
-    from moc_kernels import backend
-
     if backend.interpreting():
         raise RuntimeError("the compile report needs the real Triton compiler: run with TRITON_INTERPRET=0")
     return [(op, spec) for op in ops for spec in backend.kernel_module(op).compile_specs()]
