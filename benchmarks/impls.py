@@ -41,8 +41,9 @@ def require_triton(device: torch.device) -> None:
     """Skip unless the Triton kernels can be timed here (on CUDA)."""
     if device.type != "cuda":
         pytest.skip(INTERPRETER_SKIP)
-    if moc_kernels.backend.triton_problem():
-        pytest.skip(f"Triton kernels unavailable: {moc_kernels.backend.triton_problem()}")
+    problem = moc_kernels.backend.triton_problem()
+    if problem:
+        pytest.skip(f"Triton kernels unavailable: {problem}")
 
 
 def implementation(fn_name: str, impl: str, device: torch.device) -> Callable[..., Any]:

@@ -46,6 +46,7 @@ def test_auto_resolves_to_reference_on_cpu_and_triton_is_honoured():
         assert backend.resolve(torch.device("cuda")) == "reference"
 
 
+@pytest.mark.triton  # on a GPU its tensors go to CUDA (tests/conftest.py)
 def test_triton_runs_here_and_dispatch_compiles_without_graph_breaks():
     # On a machine without CUDA, importing moc_kernels switched Triton to its interpreter.
     assert backend.triton_problem() is None

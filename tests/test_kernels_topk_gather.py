@@ -123,6 +123,7 @@ def test_gather_matmul_strided_weight_and_bad_weight(nan_outputs):
         gather_matmul(y, idx, torch.randn(DIM + 1, 8))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the check is a device-side assert: it ends the context")
 @pytest.mark.parametrize("bad", [-1, NUM_EXPERTS])
 def test_indices_out_of_range_are_an_error(bad):
     y = torch.randn(4, NUM_EXPERTS, DIM)
