@@ -1,5 +1,6 @@
 """The backend switch: env var, set_backend, the context manager and what 'auto' resolves to."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,3 +74,86 @@ def test_triton_imported_first_without_interpreter_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert "RuntimeError: kernels backend 'triton' requested, but there is no CUDA GPU" in proc.stderr
+
+
+def _launch_sites(tree) -> list:
+    """Every ``kernel[grid](...)`` call in a module whose kernel is a ``@triton.jit`` function of it."""
+    import ast
+
+    jitted = {
+        f.name
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in f.decorator_list)
+    }
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Subscript)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in jitted
+    ]
+
+
+@pytest.mark.parametrize("op", backend.KERNEL_OPS)
+def test_every_kernel_launch_runs_on_its_inputs_device(op):
+    """Triton launches on the current CUDA device, not the inputs': each launch site sits in a
+    ``with on_device(...)`` block (inputs on cuda:1 under a current cuda:0 would otherwise get
+    pointers into another GPU). ``expert_swiglu`` launches through plans, guarded where they run."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(backend.kernel_module(op)))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def guarded(node) -> bool:
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.With) and any("on_device(" in ast.unparse(i.context_expr) for i in node.items):
+                return True
+        return False
+
+    sites = _launch_sites(tree) + [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("plan.run")
+    ]
+    assert sites, f"{op}: found no kernel launch"
+    unguarded = [f"line {n.lineno}: {ast.unparse(n.func)}" for n in sites if not guarded(n)]
+    assert not unguarded, f"{op}: launches outside on_device: {unguarded}"
+
+
+def test_on_device_selects_the_tensors_cuda_device(monkeypatch):
+    from moc_kernels.triton.utils import on_device
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: selected.append(device) or contextlib.nullcontext())
+    with on_device(torch.empty(0, device="meta")):
+        pass
+    assert selected == []  # nothing to select off CUDA
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    with on_device(OnSecondGpu()):
+        pass
+    assert selected == [torch.device("cuda", 1)]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ops_on_the_second_gpu_while_the_first_is_current():
+    from tests.conftest import assert_rel_close
+
+    torch.cuda.set_device(0)
+    y = torch.randn(37, 6, 40, device="cuda:1", requires_grad=True)
+    idx = torch.stack([torch.randperm(6, device="cuda:1")[:3] for _ in range(37)])
+    logits = [torch.randn(37, 1031, device="cuda:1") for _ in range(2)]
+    targets = torch.randint(0, 1031, (37,), device="cuda:1")
+    with mk.use_backend("triton"):
+        out = mk.topk_gather(y, idx)
+        fused = mk.fused_logit_nll(logits, targets, "entropy")
+    with mk.use_backend("reference"):
+        ref = mk.topk_gather(y, idx)
+        ref_fused = mk.fused_logit_nll(logits, targets, "entropy")
+    assert out.device == torch.device("cuda", 1)
+    assert_rel_close(out, ref, torch.float32, "topk_gather on cuda:1")
+    assert_rel_close(fused.nll, ref_fused.nll, torch.float32, "fused_logit_nll on cuda:1")

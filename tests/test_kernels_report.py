@@ -112,3 +112,31 @@ def test_summary_aggregates_per_kernel_and_arch():
         "| k1 | sm_80 | 1 | 128-128 | 0 | 1 | mma |",
         "| k2 | sm_80 | 1 | 40-40 | 0 | 0 | - |",
     ]
+
+
+def test_fused_lse_offsets_into_strategy_major_buffers_are_64_bit(tmp_path):
+    """``_fused_lse_kernel`` indexes [S, M, N] and [S, N] buffers by (s M + i) N + row: in int32 that
+    overflows past ~38 M rows, which no CPU test can allocate, so read the compiled IR instead: with
+    bf16 logits, the fp32 pointers are those two buffers', and no offset added to them may be 32-bit."""
+    code = textwrap.dedent(
+        """
+        import re, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from moc_kernels.triton import fused_logit_nll as f
+
+        spec = next(s for s in f.compile_specs() if s.kernel == "_fused_lse_kernel" and s.config.endswith("S4-w4-bf16"))
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        options = {"num_warps": spec.num_warps}
+        ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ttir"]
+        for line in re.findall(r"tt\\.addptr .*ptr<f32>.*", ttir):
+            print(line.split(" loc(")[0])
+        """
+    )
+    script = tmp_path / "fused_lse_ir.py"
+    script.write_text(code)
+    proc = run_python([str(script)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    offsets = proc.stdout.splitlines()
+    assert len(offsets) >= 2, "expected pointer arithmetic on coef and out: the IR pattern changed"
+    assert not [line for line in offsets if "i32" in line], "\n".join(offsets)

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live. Launchers read them (block sizes are clamped to
 # the problem for small shapes), and compile_specs() compiles exactly these for the report.
@@ -581,8 +582,9 @@ def _expert_swiglu_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Y [N, E, D], G [N, E, F], U [N, E, F]); G and U are 0-element when ``recompute``."""
     y, g, u, plans = _forward_plans(x, w1, w3, w2, recompute)
-    for plan in plans:
-        plan.run()
+    with on_device(x):
+        for plan in plans:
+            plan.run()
     return y, g, u
 
 
@@ -608,8 +610,9 @@ def _expert_swiglu_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [N, D], dw1 [E, D, F], dw3 [E, D, F], dw2 [E, F, D]) from dY [N, E, D]."""
     grads, plans = _backward_plans(dy, x, w1, w3, w2, g, u, recompute)
-    for plan in plans:
-        plan.run()
+    with on_device(x):
+        for plan in plans:
+            plan.run()
     return grads
 
 

@@ -37,6 +37,7 @@ from moc_kernels.reference.fused_logit_nll import (
     strategy_weights,
 )
 from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.utils import on_device
 
 MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
@@ -171,7 +172,8 @@ def _fused_lse_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    strategies = tl.arange(0, S_PAD)
+    # int64: the [S, M, N] offsets (s M + i) N pass 2^31 at N ~ 38 M rows (7 strategies x 8 models).
+    strategies = tl.arange(0, S_PAD).to(tl.int64)
     strategy_ok = strategies < num_strategies
     cols = tl.arange(0, BLOCK_V)
     run_max = tl.full((S_PAD,), -FLT_MAX, tl.float32)  # finite start: see _model_stats_kernel
@@ -219,21 +221,22 @@ def _model_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float
     """Pass 1 for one model: logits [N, V] -> out [4, N] fp32 rows (lse, entropy, gap, z[target])."""
     num_rows, vocab_size = logits.shape
     config = _config("stats", vocab_size)
-    _model_stats_kernel[(num_rows,)](
-        logits,
-        logits.stride(0),
-        targets,
-        out[0],
-        out[1],
-        out[2],
-        out[3],
-        vocab_size,
-        1.0 / temperature,
-        IGNORE=IGNORE_INDEX,
-        BLOCK_V=config["BLOCK_V"],
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(logits):
+        _model_stats_kernel[(num_rows,)](
+            logits,
+            logits.stride(0),
+            targets,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            vocab_size,
+            1.0 / temperature,
+            IGNORE=IGNORE_INDEX,
+            BLOCK_V=config["BLOCK_V"],
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
 
 
 def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
@@ -243,20 +246,21 @@ def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
     out = _empty((num_strategies, num_rows), torch.float32, coef.device)
     config = _config("fused_lse", vocab_size)
     padded = logits + [logits[0]] * (MAX_MODELS - num_models)  # unused pointer arguments
-    _fused_lse_kernel[(num_rows,)](
-        *padded,
-        *(lg.stride(0) for lg in padded),
-        coef,
-        out,
-        num_rows,
-        vocab_size,
-        num_strategies,
-        M=num_models,
-        S_PAD=triton.next_power_of_2(num_strategies),
-        BLOCK_V=config["BLOCK_V"],
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(coef):
+        _fused_lse_kernel[(num_rows,)](
+            *padded,
+            *(lg.stride(0) for lg in padded),
+            coef,
+            out,
+            num_rows,
+            vocab_size,
+            num_strategies,
+            M=num_models,
+            S_PAD=triton.next_power_of_2(num_strategies),
+            BLOCK_V=config["BLOCK_V"],
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return out
 
 

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
 # Keyed by direction, dtype class, then the largest L_PAD (next power of two of L) a tier serves.
@@ -362,30 +363,31 @@ def small_attention_fwd(
         return out, entropy, lse
     config, block_m, l_pad, dh_pad, precision = _launch_params(q, "fwd")
     grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
-    _small_attention_fwd[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        entropy,
-        num_tokens,
-        length,
-        head_dim,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *lse.stride(),
-        1.0 / math.sqrt(head_dim),
-        BLOCK_M=block_m,
-        L_PAD=l_pad,
-        DH_PAD=dh_pad,
-        PRECISION=precision,
-        INTERPRET=backend.interpreting(),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(q):
+        _small_attention_fwd[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            entropy,
+            num_tokens,
+            length,
+            head_dim,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            *lse.stride(),
+            1.0 / math.sqrt(head_dim),
+            BLOCK_M=block_m,
+            L_PAD=l_pad,
+            DH_PAD=dh_pad,
+            PRECISION=precision,
+            INTERPRET=backend.interpreting(),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return out, entropy, lse
 
 
@@ -416,36 +418,37 @@ def small_attention_bwd(
     has_d_entropy = d_entropy is not None
     d_entropy_arg = d_entropy if has_d_entropy else lse  # a valid pointer the kernel never reads
     grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
-    _small_attention_bwd[grid](
-        q,
-        k,
-        v,
-        lse,
-        d_out,
-        d_entropy_arg,
-        dq,
-        dk,
-        dv,
-        num_tokens,
-        length,
-        head_dim,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *d_out.stride(),
-        *lse.stride(),
-        *d_entropy_arg.stride(),
-        *dq.stride(),
-        1.0 / math.sqrt(head_dim),
-        BLOCK_M=block_m,
-        L_PAD=l_pad,
-        DH_PAD=dh_pad,
-        PRECISION=precision,
-        INTERPRET=backend.interpreting(),
-        HAS_D_ENTROPY=has_d_entropy,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(q):
+        _small_attention_bwd[grid](
+            q,
+            k,
+            v,
+            lse,
+            d_out,
+            d_entropy_arg,
+            dq,
+            dk,
+            dv,
+            num_tokens,
+            length,
+            head_dim,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *d_out.stride(),
+            *lse.stride(),
+            *d_entropy_arg.stride(),
+            *dq.stride(),
+            1.0 / math.sqrt(head_dim),
+            BLOCK_M=block_m,
+            L_PAD=l_pad,
+            DH_PAD=dh_pad,
+            PRECISION=precision,
+            INTERPRET=backend.interpreting(),
+            HAS_D_ENTROPY=has_d_entropy,
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return dq, dk, dv
 
 

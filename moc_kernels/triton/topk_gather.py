@@ -25,6 +25,7 @@ from moc_kernels.triton.compile_spec import KernelSpec
 
 # The interpreter-safe product and rounding helpers (see there); shared with small_attention.
 from moc_kernels.triton.small_attention import _cast, _dot
+from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
 # Copies are bound by HBM bytes: an 8-row x 256-feature tile with 4 warps gives each thread 16
@@ -153,22 +154,23 @@ def topk_gather_fwd(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     config = CONFIGS["fwd"]
     block_d = _block_d(dim, config)
     grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_R"]), triton.cdiv(dim, block_d))
-    _topk_gather_fwd[grid](
-        y,
-        idx,
-        out,
-        num_tokens,
-        num_experts,
-        top_k,
-        dim,
-        *y.stride(),
-        *idx.stride(),
-        *out.stride(),
-        BLOCK_R=config["BLOCK_R"],
-        BLOCK_D=block_d,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(y):
+        _topk_gather_fwd[grid](
+            y,
+            idx,
+            out,
+            num_tokens,
+            num_experts,
+            top_k,
+            dim,
+            *y.stride(),
+            *idx.stride(),
+            *out.stride(),
+            BLOCK_R=config["BLOCK_R"],
+            BLOCK_D=block_d,
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return out
 
 
@@ -187,23 +189,24 @@ def topk_gather_bwd(d_out: torch.Tensor, idx: torch.Tensor, num_experts: int) ->
     config = CONFIGS["bwd"]
     block_d = _block_d(dim, config)
     grid = (triton.cdiv(num_tokens * num_experts, config["BLOCK_R"]), triton.cdiv(dim, block_d))
-    _topk_gather_bwd[grid](
-        d_out,
-        idx,
-        dy,
-        num_tokens,
-        num_experts,
-        top_k,
-        dim,
-        *d_out.stride(),
-        *idx.stride(),
-        *dy.stride(),
-        BLOCK_R=config["BLOCK_R"],
-        BLOCK_D=block_d,
-        K_PAD=triton.next_power_of_2(max(top_k, 1)),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(d_out):
+        _topk_gather_bwd[grid](
+            d_out,
+            idx,
+            dy,
+            num_tokens,
+            num_experts,
+            top_k,
+            dim,
+            *d_out.stride(),
+            *idx.stride(),
+            *dy.stride(),
+            BLOCK_R=config["BLOCK_R"],
+            BLOCK_D=block_d,
+            K_PAD=triton.next_power_of_2(max(top_k, 1)),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return dy
 
 
@@ -509,29 +512,30 @@ def gather_matmul_fwd(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> to
         return out
     config, precision = _gemm_params("fwd", y.dtype)
     grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
-    _gather_matmul_fwd[grid](
-        y,
-        idx,
-        w,
-        out,
-        num_tokens,
-        num_experts,
-        top_k,
-        dim,
-        features,
-        *y.stride(),
-        *idx.stride(),
-        *w.stride(),
-        out.stride(1),
-        out.stride(2),
-        BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"],
-        BLOCK_K=config["BLOCK_K"],
-        PRECISION=precision,
-        INTERPRET=backend.interpreting(),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    with on_device(y):
+        _gather_matmul_fwd[grid](
+            y,
+            idx,
+            w,
+            out,
+            num_tokens,
+            num_experts,
+            top_k,
+            dim,
+            features,
+            *y.stride(),
+            *idx.stride(),
+            *w.stride(),
+            out.stride(1),
+            out.stride(2),
+            BLOCK_M=config["BLOCK_M"],
+            BLOCK_N=config["BLOCK_N"],
+            BLOCK_K=config["BLOCK_K"],
+            PRECISION=precision,
+            INTERPRET=backend.interpreting(),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return out
 
 
@@ -556,52 +560,54 @@ def gather_matmul_bwd(
     common = dict(INTERPRET=backend.interpreting())
     config, precision = _gemm_params("dy", y.dtype)
     grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(dim, config["BLOCK_N"]))
-    _gather_matmul_dy[grid](
-        d_out,
-        idx,
-        w,
-        dy,
-        num_tokens,
-        num_experts,
-        top_k,
-        dim,
-        features,
-        *d_out.stride(),
-        *idx.stride(),
-        *w.stride(),
-        *dy.stride(),
-        BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"],
-        BLOCK_K=config["BLOCK_K"],
-        PRECISION=precision,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-        **common,
-    )
+    with on_device(y):
+        _gather_matmul_dy[grid](
+            d_out,
+            idx,
+            w,
+            dy,
+            num_tokens,
+            num_experts,
+            top_k,
+            dim,
+            features,
+            *d_out.stride(),
+            *idx.stride(),
+            *w.stride(),
+            *dy.stride(),
+            BLOCK_M=config["BLOCK_M"],
+            BLOCK_N=config["BLOCK_N"],
+            BLOCK_K=config["BLOCK_K"],
+            PRECISION=precision,
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+            **common,
+        )
     config, precision = _gemm_params("dw", y.dtype)
     grid = (triton.cdiv(dim, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
-    _gather_matmul_dw[grid](
-        y,
-        idx,
-        d_out,
-        dw,
-        num_tokens,
-        num_experts,
-        top_k,
-        dim,
-        features,
-        *y.stride(),
-        *idx.stride(),
-        *d_out.stride(),
-        *dw.stride(),
-        BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"],
-        BLOCK_K=config["BLOCK_K"],
-        PRECISION=precision,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-        **common,
-    )
+    with on_device(y):
+        _gather_matmul_dw[grid](
+            y,
+            idx,
+            d_out,
+            dw,
+            num_tokens,
+            num_experts,
+            top_k,
+            dim,
+            features,
+            *y.stride(),
+            *idx.stride(),
+            *d_out.stride(),
+            *dw.stride(),
+            BLOCK_M=config["BLOCK_M"],
+            BLOCK_N=config["BLOCK_N"],
+            BLOCK_K=config["BLOCK_K"],
+            PRECISION=precision,
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+            **common,
+        )
     return dy, dw
 
 
