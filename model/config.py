@@ -12,6 +12,7 @@ from typing import Any
 # exported Hugging Face modeling file) imports nothing from the project. tests/test_model_config.py
 # checks it equals moc_kernels.BACKENDS.
 KERNEL_BACKENDS = ("auto", "triton", "reference")
+FFN_HIDDEN_RULES = ("design", "original")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class ModelConfig:
     balance_coef: float = 1.0
     diversity_coef: float = 1.0
     kernels: str = "auto"  # moc_kernels backend for this model's forward: auto | triton | reference
+    # Keys that let a checkpoint of the original LunarisCodex-MoC code be held exactly
+    # (python -m model.convert_original sets them; the defaults are this project's own choices).
+    norm_eps: float = 1e-6  # epsilon of every RMSNorm (the original code: 1e-5)
+    moc_attn_bias: bool = False  # biases on q/k/v/o of the router and collab attentions (the original: True)
+    ffn_hidden_rule: str = "design"  # expert/dense FFN width F: "design" (DESIGN §2) | "original" (see ffn_hidden)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -84,7 +90,16 @@ class ModelConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        """F = multiple_of * ceil((2/3 * ffn_hidden_multiplier * d_model) / multiple_of) (DESIGN §2)."""
+        """F = multiple_of * ceil((2/3 * ffn_hidden_multiplier * d_model) / multiple_of) (DESIGN §2).
+
+        ``ffn_hidden_rule: original`` truncates twice before rounding up, as the original code does:
+        ``multiple_of * ceil(int(2 * int(ffn_hidden_multiplier * d_model) / 3) / multiple_of)``. The two
+        differ when a truncation lands on a multiple: d_model 4, multiplier 4, multiple_of 2 gives 12
+        by DESIGN §2 and 10 by the original's rule.
+        """
+        if self.ffn_hidden_rule == "original":
+            hidden = int(2 * int(self.ffn_hidden_multiplier * self.d_model) / 3)
+            return self.multiple_of * -(-hidden // self.multiple_of)
         return self.multiple_of * math.ceil((2 / 3 * self.ffn_hidden_multiplier * self.d_model) / self.multiple_of)
 
     def validate(self) -> None:
@@ -114,7 +129,7 @@ class ModelConfig:
         need_int("moc_heads", 1, allow_none=True)
         need_int("n_experts", 0, allow_none=True)
         need_int("top_k", 1)
-        for name in ("ffn_hidden_multiplier", "rope_theta", "router_temperature"):
+        for name in ("ffn_hidden_multiplier", "rope_theta", "router_temperature", "norm_eps"):
             need_float(name, positive=True)
         for name in ("dropout", "aux_loss_weight", "balance_coef", "diversity_coef"):
             need_float(name, positive=False)
@@ -130,6 +145,13 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
         if not self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.moc_attn_bias, bool):
+            raise ValueError(f"model key 'moc_attn_bias' must be true or false, got {self.moc_attn_bias!r}")
+        if self.ffn_hidden_rule not in FFN_HIDDEN_RULES:
+            raise ValueError(
+                f"model key 'ffn_hidden_rule' must be one of {', '.join(FFN_HIDDEN_RULES)}, "
+                f"got {self.ffn_hidden_rule!r}"
+            )
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"model key 'kernels' must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}")
         if self.is_moc:

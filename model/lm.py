@@ -29,9 +29,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.d_model)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config, layer_idx)
-        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn: nn.Module = CollaborativeExpertsModule(config) if config.is_moc else SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -53,7 +53,7 @@ class LunarisLM(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_embeddings.weight  # tied embeddings
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)

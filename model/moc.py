@@ -61,15 +61,19 @@ def normalised_diversity_loss(collab_entropy: torch.Tensor, k: int) -> torch.Ten
 
 
 class SmallMHA(nn.Module):
-    """Multi-head self-attention among the L vectors of each token (its own q/k/v/o projections)."""
+    """Multi-head self-attention among the L vectors of each token (its own q/k/v/o projections).
 
-    def __init__(self, dim: int, heads: int) -> None:
+    With ``bias`` the four projections carry biases: then it computes what ``torch.nn.MultiheadAttention``
+    (eval mode) does, its ``in_proj_weight``/``in_proj_bias`` being the rows of q, k, v stacked.
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False) -> None:
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, L, D] -> (out [N, L, D] in x's dtype, entropy [N, H, L] fp32 of each softmax row)."""
@@ -94,11 +98,11 @@ class CollaborativeExpertsModule(nn.Module):
         self.temperature = config.router_temperature
         self.w13 = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
-        self.router_attn = SmallMHA(dim, config.collab_heads)
-        self.router_norm = RMSNorm(dim)
+        self.router_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
+        self.router_norm = RMSNorm(dim, config.norm_eps)
         self.gate = nn.Linear(dim, experts, bias=True)
-        self.collab_attn = SmallMHA(dim, config.collab_heads)
-        self.collab_norm = RMSNorm(dim)
+        self.collab_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
+        self.collab_norm = RMSNorm(dim, config.norm_eps)
         self.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
         self.out_proj = nn.Linear(dim, dim, bias=False)
 

@@ -18,6 +18,21 @@ def test_defaults_and_derived_sizes():
     assert config.ffn_hidden == 2048
     odd = ModelConfig(d_model=100, multiple_of=64, ffn_hidden_multiplier=3.0, n_heads=5)
     assert odd.ffn_hidden == 64 * math.ceil(200 / 64) == 256
+    assert (config.norm_eps, config.moc_attn_bias, config.ffn_hidden_rule) == (1e-6, False, "design")
+
+
+@pytest.mark.parametrize(
+    ("d_model", "multiplier", "multiple_of", "design", "original"),
+    [
+        (768, 4.0, 256, 2048, 2048),  # the original's GPT-2-small shape: both rules agree
+        (4, 4.0, 2, 12, 10),  # int(2 * 16 / 3) = 10 is already a multiple of 2; 2/3 * 16 = 10.67 rounds up to 12
+        (32, 8 / 3, 8, 64, 56),  # int(8/3 * 32) = 85, int(170 / 3) = 56; 2/3 * 85.33 = 56.9 rounds up to 64
+    ],
+)
+def test_ffn_hidden_rules(d_model, multiplier, multiple_of, design, original):
+    keys = dict(d_model=d_model, n_heads=2, ffn_hidden_multiplier=multiplier, multiple_of=multiple_of)
+    assert ModelConfig(**keys).ffn_hidden == design
+    assert ModelConfig(**keys, ffn_hidden_rule="original").ffn_hidden == original
 
 
 @pytest.mark.parametrize("experts", [0, None])
@@ -60,6 +75,9 @@ def test_unknown_key_suggests_the_close_one():
         ({"aux_loss_weight": -0.1}, "'aux_loss_weight' must be >= 0, got -0.1"),
         ({"rope_theta": float("nan")}, "'rope_theta' must be a finite number"),
         ({"n_heads": True}, "'n_heads' must be an integer, got True"),
+        ({"norm_eps": 0.0}, "'norm_eps' must be > 0, got 0.0"),
+        ({"moc_attn_bias": "yes"}, "'moc_attn_bias' must be true or false, got 'yes'"),
+        ({"ffn_hidden_rule": "llama"}, "'ffn_hidden_rule' must be one of design, original, got 'llama'"),
     ],
 )
 def test_impossible_values_raise_clear_errors(overrides, message):
