@@ -330,13 +330,30 @@ def train(
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         # The kernels backend may change between segments (same math); any other model key may not.
-        saved_model = {k: v for k, v in ckpt["config"].get("model_config", {}).items() if k != "kernels"}
+        # Model keys added after the checkpoint was written take their defaults (its behaviour then).
+        from model.config import ModelConfig
+
+        saved_keys = ckpt["config"].get("model_config", {})
+        saved_model = {k: v for k, v in (ModelConfig().to_dict() | saved_keys).items() if k != "kernels"}
+        saved_model = saved_model if saved_keys else {}
         this_model = {k: v for k, v in model_cfg.to_dict().items() if k != "kernels"}
         if saved_model and saved_model != this_model:
             changed = sorted(k for k in this_model if saved_model.get(k) != this_model[k])
             raise ConfigError(
                 f"cannot resume from {ckpt_path}: model keys differ from the checkpoint's: {', '.join(changed)}"
             )
+    if ckpt_path is not None and "optimizer" not in ckpt:
+        # Weights only (python -m model.convert_original writes these): the run starts at step 0 from
+        # these weights with a fresh AdamW, the config's warmup and schedule, and the seed's RNG.
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+        else:
+            raw_model.load_state_dict(ckpt["model"])
+        seed_everything(cfg.seed + dist_info.rank)
+        say(f"[train] starting at step 0 from the weights of {ckpt_path} (no optimizer state: fresh AdamW, schedule)")
+    elif ckpt_path is not None:
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
