@@ -7,6 +7,7 @@ Public API: the ops below and the backend switch (``use_backend``, ``set_backend
 from moc_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
 from moc_kernels.ops import (
     expert_swiglu,
+    fused_log_probs,
     fused_logit_nll,
     fused_logit_nll_multi,
     small_attention,
@@ -20,6 +21,7 @@ __all__ = [
     "STRATEGIES",
     "FusedNLL",
     "expert_swiglu",
+    "fused_log_probs",
     "fused_logit_nll",
     "fused_logit_nll_multi",
     "get_backend",

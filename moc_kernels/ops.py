@@ -6,6 +6,7 @@ The model and Kotara call only these functions; which implementation runs is dec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -83,27 +84,54 @@ def small_attention(
     return _implementation("small_attention", q.device)(q, k, v, return_entropy)
 
 
-def _check_fusion_args(logits, targets, strategies, temperatures, weights) -> None:
+def _check_fusion_args(
+    op: str,
+    logits: Sequence[torch.Tensor],
+    targets: torch.Tensor | None,
+    strategies: Sequence[str],
+    temperatures: Sequence[float] | None,
+    weights: Sequence[float] | None,
+) -> None:
+    """The checks shared by the fusion ops (``targets`` None for ``fused_log_probs``).
+
+    ``weights`` means something only to two strategies, so its sign is checked by what it means
+    there: fixed mixture weights are probabilities (> 0); PoE betas are exponents, and a negative one
+    subtracts a model (contrastive decoding / model arithmetic) while q stays normalised, so they
+    need only be finite with at least one > 0. The other strategies ignore ``weights``.
+    """
     num_models = len(logits)
-    _require(num_models >= 2, f"fused_logit_nll: needs logits of at least 2 models, got {num_models}")
+    _require(num_models >= 2, f"{op}: needs logits of at least 2 models, got {num_models}")
     shape = tuple(logits[0].shape)
-    _require(len(shape) == 2, f"fused_logit_nll: logits must be [N, V], got shape {shape}")
+    _require(len(shape) == 2, f"{op}: logits must be [N, V], got shape {shape}")
     for lg in logits:
-        _require(tuple(lg.shape) == shape, f"fused_logit_nll: logits shapes differ: {shape} vs {tuple(lg.shape)}")
-        _require(lg.device == logits[0].device, "fused_logit_nll: all logits must be on one device")
-    _require(
-        tuple(targets.shape) == shape[:1],
-        f"fused_logit_nll: targets must be [N={shape[0]}], got {tuple(targets.shape)}",
-    )
+        _require(tuple(lg.shape) == shape, f"{op}: logits shapes differ: {shape} vs {tuple(lg.shape)}")
+        _require(lg.device == logits[0].device, f"{op}: all logits must be on one device")
+        _require(lg.dtype in FLOAT_DTYPES, f"{op}: unsupported logits dtype {lg.dtype}")
+    if targets is not None:
+        _require(
+            tuple(targets.shape) == shape[:1], f"{op}: targets must be [N={shape[0]}], got {tuple(targets.shape)}"
+        )
     for strategy in strategies:
         _require(
-            strategy in STRATEGIES,
-            f"fused_logit_nll: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}",
+            strategy in STRATEGIES, f"{op}: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
         )
     for name, values in (("temperatures", temperatures), ("weights", weights)):
         if values is not None:
-            _require(len(values) == num_models, f"fused_logit_nll: {len(values)} {name} for {num_models} models")
-            _require(all(float(x) > 0 for x in values), f"fused_logit_nll: {name} must be > 0, got {list(values)}")
+            _require(len(values) == num_models, f"{op}: {len(values)} {name} for {num_models} models")
+            _require(all(math.isfinite(float(x)) for x in values), f"{op}: {name} must be finite, got {list(values)}")
+    if temperatures is not None:
+        _require(all(float(x) > 0 for x in temperatures), f"{op}: temperatures must be > 0, got {list(temperatures)}")
+    if weights is not None:
+        if "mixture" in strategies:
+            _require(
+                all(float(x) > 0 for x in weights),
+                f"{op}: mixture weights are probabilities and must be > 0, got {list(weights)}",
+            )
+        if "poe" in strategies:
+            _require(
+                any(float(x) > 0 for x in weights),
+                f"{op}: poe needs at least one beta > 0 (a negative beta subtracts a model), got {list(weights)}",
+            )
 
 
 def fused_logit_nll(
@@ -116,8 +144,9 @@ def fused_logit_nll(
     """NLL of targets under the logit-level fusion of M >= 2 models (DESIGN §5).
 
     logits: M tensors [N, V]; targets [N] int64 (-100 = ignored, nll 0); strategy one of
-    ``STRATEGIES``; temperatures: M floats (default 1); weights: PoE betas / fixed mixture weights
-    (default 1/M). Returns FusedNLL(nll [N], weights [M, N], entropy [M, N]), all fp32.
+    ``STRATEGIES``; temperatures: M floats > 0 (default 1); weights: PoE betas (may be negative, at
+    least one > 0) / fixed mixture weights (> 0), default 1/M. Returns FusedNLL(nll [N], weights [M, N],
+    entropy [M, N]), all fp32.
     """
     return fused_logit_nll_multi(logits, targets, [strategy], temperatures, weights)[strategy]
 
@@ -130,7 +159,28 @@ def fused_logit_nll_multi(
     weights: Sequence[float] | None = None,
 ) -> dict[str, FusedNLL]:
     """``fused_logit_nll`` for several strategies from one pass over each model's logits."""
-    _check_fusion_args(logits, targets, strategies, temperatures, weights)
+    _check_fusion_args("fused_logit_nll", logits, targets, strategies, temperatures, weights)
     return _implementation("fused_logit_nll", logits[0].device, "fused_logit_nll_multi")(
         logits, targets, list(strategies), temperatures, weights
+    )
+
+
+def fused_log_probs(
+    logits: Sequence[torch.Tensor],
+    strategy: str,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The fused next-token distribution of M >= 2 models (DESIGN §5a): log q [N, V] fp32.
+
+    logits: M tensors [N, V] fp32|bf16|fp16 on one device; strategy one of ``STRATEGIES``;
+    temperatures: M floats > 0 (default 1); weights: PoE betas (finite, at least one > 0; negative
+    = contrastive) or fixed mixture weights (> 0), default 1/M. The same q as ``fused_logit_nll``:
+    ``fused_logit_nll(...).nll == -fused_log_probs(...).gather(1, targets[:, None]).squeeze(1)``.
+    With ``return_weights`` returns ``(log_q, weights [M, N] fp32)``, the weight each model received.
+    """
+    _check_fusion_args("fused_log_probs", logits, None, [strategy], temperatures, weights)
+    return _implementation("fused_logit_nll", logits[0].device, "fused_log_probs")(
+        logits, strategy, temperatures, weights, return_weights
     )

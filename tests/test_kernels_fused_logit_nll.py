@@ -150,7 +150,8 @@ def test_bad_input_is_a_clear_error():
 def test_compile_specs_cover_the_shipped_configs():
     module = backend.kernel_module("fused_logit_nll")
     specs = module.compile_specs()
-    for kernel, table in (("_model_stats_kernel", "stats"), ("_fused_lse_kernel", "fused_lse")):
+    kernels = {"_model_stats_kernel": "stats", "_fused_lse_kernel": "fused_lse", "_fused_log_probs_kernel": "log_probs"}
+    for kernel, table in kernels.items():
         for dtype in ("bf16", "fp32"):
             for size in module.CONFIGS[table]:
                 assert any(s.kernel == kernel and s.config.startswith(size) and dtype in s.config for s in specs)

@@ -5,8 +5,16 @@ Each op computes in float32 whatever its input dtype and returns outputs in the 
 """
 
 from moc_kernels.reference.expert_swiglu import expert_swiglu
-from moc_kernels.reference.fused_logit_nll import FusedNLL, fused_logit_nll, fused_logit_nll_multi
+from moc_kernels.reference.fused_logit_nll import FusedNLL, fused_log_probs, fused_logit_nll, fused_logit_nll_multi
 from moc_kernels.reference.small_attention import small_attention
 from moc_kernels.reference.topk_gather import topk_gather
 
-__all__ = ["FusedNLL", "expert_swiglu", "fused_logit_nll", "fused_logit_nll_multi", "small_attention", "topk_gather"]
+__all__ = [
+    "FusedNLL",
+    "expert_swiglu",
+    "fused_log_probs",
+    "fused_logit_nll",
+    "fused_logit_nll_multi",
+    "small_attention",
+    "topk_gather",
+]

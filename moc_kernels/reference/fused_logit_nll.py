@@ -1,12 +1,15 @@
-"""Per-token logit-level fusion of M causal LMs and the NLL of the fused distribution (DESIGN §5).
+"""Per-token logit-level fusion of M causal LMs: the fused distribution and its NLL (DESIGN §5, §5a).
 
-Every strategy yields a normalised fused distribution q; the NLL of a token is -log q[target].
-Model i's logits are first divided by its temperature T_i: z_i = logits_i / T_i.
+Every strategy yields a normalised fused distribution q: ``fused_log_probs`` returns log q itself
+(what generation samples from), ``fused_logit_nll`` the NLL of a token, -log q[target], without
+materialising q. Model i's logits are first divided by its temperature T_i: z_i = logits_i / T_i.
 
 log-linear pools, log q = log_softmax(sum_i a_i z_i):
   average          a_i = 1/M
   poe              a_i = beta_i (``weights``, default 1/M); log_softmax(sum beta_i log_softmax(z_i))
-                   equals this because each log_softmax differs from z_i by a per-row constant
+                   equals this because each log_softmax differs from z_i by a per-row constant.
+                   A beta may be negative (1.5, -0.5: contrastive decoding / model arithmetic): q stays
+                   normalised; at least one beta must be positive (checked in ``moc_kernels.ops``)
   entropy          a_i ∝ 1 / (H_i + EPS), H_i the entropy (nats) of softmax(z_i)
   gap              a_i ∝ p_i(top1) - p_i(top2) + EPS  (all gaps 0 -> equal weights)
 linear pools (mixtures), q = sum_i a_i softmax(z_i), computed in log space:
@@ -15,8 +18,9 @@ linear pools (mixtures), q = sum_i a_i softmax(z_i), computed in log space:
   mixture_gap      a_i as in ``gap``
 
 Non-finite logits: -inf marks an impossible token (probability 0, allowed as long as a row has a
-finite logit); +inf or NaN anywhere in a row makes that row's outputs NaN. Targets equal to
-IGNORE_INDEX (-100) get nll 0.
+finite logit); +inf or NaN anywhere in a row makes that row's outputs NaN. So does a -inf logit of a
+model with a negative beta (it would make the fused logit +inf). Targets equal to IGNORE_INDEX
+(-100) get nll 0.
 
 Rows are processed in chunks so that memory stays bounded for V up to 256k and, on CPU, the
 temporaries of a chunk stay in cache (measured: 16-row chunks run several times faster than
@@ -147,7 +151,8 @@ def _fused_log_sum_exp(shifted: torch.Tensor, a: torch.Tensor, out: torch.Tensor
     out: [n, V] fp32 scratch. f = sum_i a_i z_i = sum_i a_i s_i + sum_i a_i max(z_i), and with every
     a_i > 0 each s_i <= 0, so exp(sum_i a_i s_i) <= 1 cannot overflow: no max pass over f is needed.
     If the models disagree so much that max(f) lies far below the bound the sum could underflow;
-    those (rare) rows are redone with logsumexp, which shifts by max(f).
+    those (rare) rows are redone with logsumexp, which shifts by max(f). A negative a_i (poe's
+    contrastive betas) lifts the bound and the sum may overflow: such rows are redone too.
     """
     torch.mul(shifted[0], a[0, :, None], out=out)
     for i in range(1, shifted.shape[0]):
@@ -155,10 +160,11 @@ def _fused_log_sum_exp(shifted: torch.Tensor, a: torch.Tensor, out: torch.Tensor
     sum_exp = out.exp_().sum(-1)
     log_sum_exp = sum_exp.log()
     # Below 1e-20 the largest term may be < 1e-25 and terms 1e-13 times smaller would be denormal.
-    lost = sum_exp < 1e-20
+    lost = (sum_exp < 1e-20) | (sum_exp == float("inf"))
     if lost.any():
         log_sum_exp[lost] = torch.logsumexp((shifted[:, lost] * a[:, lost, None]).sum(0), -1)
-    return log_sum_exp
+    # +inf in f (a -inf logit under a negative a_i) is a NaN row, like a +inf logit (module docstring).
+    return log_sum_exp.masked_fill_(log_sum_exp == float("inf"), float("nan"))
 
 
 def fused_logit_nll(
@@ -234,3 +240,56 @@ def fused_logit_nll_multi(
     for result in out.values():
         result.nll.masked_fill_(ignored, 0.0)
     return out
+
+
+# Strategies whose weights depend on the logits (they need each model's entropy or top-2 gap).
+ADAPTIVE = ("entropy", "gap", "mixture_entropy", "mixture_gap")
+
+
+def fused_log_probs(
+    logits: Sequence[torch.Tensor],
+    strategy: str,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The fused distribution itself: log q [N, V] fp32 for M >= 2 models (what generation samples from).
+
+    logits: M tensors [N, V] fp32|bf16|fp16 (same shape); strategy, temperatures and weights as in
+    ``fused_logit_nll`` (weights: PoE betas, which may be negative, or fixed mixture weights), so
+    ``fused_logit_nll(...).nll == -fused_log_probs(...).gather(1, targets[:, None])``. With
+    ``return_weights`` also returns the weights a [M, N] fp32 each model received.
+    """
+    num_models, (num_rows, vocab_size) = len(logits), logits[0].shape
+    device = logits[0].device
+    temps = list(temperatures) if temperatures is not None else [1.0] * num_models
+    fixed = torch.tensor(
+        weights if weights is not None else [1.0 / num_models] * num_models, dtype=torch.float32, device=device
+    )
+    log_q = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
+    alphas = torch.empty(num_models, num_rows, dtype=torch.float32, device=device)
+    step = max(1, min(chunk_rows(vocab_size, device), num_rows))
+    for start in range(0, num_rows, step):
+        rows = slice(start, min(start + step, num_rows))
+        z = [lg[rows].float() if t == 1.0 else lg[rows].float() / t for lg, t in zip(logits, temps)]
+        # amax is the cheapest pass that sees a +inf (it is the maximum) or a NaN (amax propagates it).
+        valid = torch.stack([zi.amax(-1) < float("inf") for zi in z]).all(0)
+        if strategy in ADAPTIVE:
+            scratch = torch.empty(2, z[0].shape[0], vocab_size, dtype=torch.float32, device=device)
+            stats = [_model_stats(zi, 1.0, scratch[0], scratch[1])[2:] for zi in z]
+            entropy, gap = (torch.stack(s) for s in zip(*stats))
+        else:  # fixed weights: the statistics are not needed
+            entropy = gap = torch.zeros(num_models, z[0].shape[0], device=device)
+        a = strategy_weights(strategy, entropy, gap, fixed)
+        if strategy in LINEAR_POOLS:
+            # q = sum_i a_i softmax(z_i)  ->  log q = logsumexp_i(log a_i + log_softmax(z_i)), per token.
+            log_p = torch.stack([torch.log_softmax(zi, -1) for zi in z])
+            out = torch.logsumexp(log_p + a.log()[:, :, None], dim=0)
+        else:
+            # q = softmax(f), f = sum_i a_i z_i (log_softmax shifts by max f: any sign of a_i is safe).
+            fused = sum(a[i, :, None] * z[i] for i in range(num_models))
+            valid &= fused.amax(-1) < float("inf")  # +inf only from a -inf logit under a negative beta
+            out = torch.log_softmax(fused, -1)
+        log_q[rows] = out.masked_fill_(~valid[:, None], float("nan"))
+        alphas[:, rows] = a
+    return (log_q, alphas) if return_weights else log_q

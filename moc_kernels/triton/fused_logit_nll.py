@@ -19,6 +19,17 @@ non-finite rules, IGNORE_INDEX targets). Two passes over the vocabulary, one pro
 Bytes moved: each model's logits are read twice (once if only mixtures are asked for); everything
 else is O(M N). Row offsets are int64 (N V may exceed 2^31). Logits may be fp32, bf16 or fp16 and
 row-strided (the last dimension must be contiguous; otherwise it is copied).
+
+``fused_log_probs`` (the distribution generation samples from, DESIGN §5a) reuses both passes and
+adds a third that writes log q [N, V] fp32, one program per (row, tile of V):
+  pass 1 as above (no target), weights a [M, N] in torch as above;
+  log-linear pools: pass 2 gives lse(f) for f = sum_i (a_i / T_i) logits_i, then
+    ``_fused_log_probs_kernel`` writes log q = f - lse(f);
+  mixtures: ``_fused_log_probs_kernel`` writes log q = logsumexp_i((1 / T_i) logits_i + log a_i - lse_i)
+    per element, with lse_i from pass 1.
+Both are sum_i / logsumexp_i of (coef_i x_i + offset_i) with per-row coef and offset [M, N], so one
+kernel with a constexpr switch does both. Rows whose logits hold +inf or NaN (pass 1's lse is not
+finite) get offset NaN, hence NaN everywhere, as the reference documents.
 """
 
 from __future__ import annotations
@@ -52,6 +63,13 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "large": {"BLOCK_V": 4096, "num_warps": 8, "num_stages": 1},
     },
     "fused_lse": {
+        "small": {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1},
+        "large": {"BLOCK_V": 2048, "num_warps": 8, "num_stages": 1},
+    },
+    # One program per (row, tile): no loop, so the tile only sets the grid's granularity; M loads and
+    # one fp32 store per element. 8 warps for the large tile: with 4, M = 8 mixtures in fp32 spilled
+    # 8 bytes on sm_80 (16 elements per thread, each with a running max and sum).
+    "log_probs": {
         "small": {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1},
         "large": {"BLOCK_V": 2048, "num_warps": 8, "num_stages": 1},
     },
@@ -214,6 +232,85 @@ def _fused_lse_kernel(
     tl.store(out_ptr + strategies * num_rows + row, run_max + tl.log(sum_exp), mask=strategy_ok)
 
 
+@triton.jit
+def _model_row(i: tl.constexpr, row, p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7):
+    """Pointer to row ``row`` of model i's logits (i constexpr: the compiler keeps one branch).
+
+    ``_fused_lse_kernel`` inlines the same selection because it runs per tile there, and the
+    interpreter pays ~0.5 ms per nested call; ``_fused_log_probs_kernel`` calls this once per model.
+    """
+    if i == 0:
+        ptr, stride = p0, r0
+    elif i == 1:
+        ptr, stride = p1, r1
+    elif i == 2:
+        ptr, stride = p2, r2
+    elif i == 3:
+        ptr, stride = p3, r3
+    elif i == 4:
+        ptr, stride = p4, r4
+    elif i == 5:
+        ptr, stride = p5, r5
+    elif i == 6:
+        ptr, stride = p6, r6
+    else:
+        ptr, stride = p7, r7
+    return ptr + row * stride
+
+
+@triton.jit
+def _fused_log_probs_kernel(
+    p0,  # the models' logits [N, V] fp32|bf16|fp16, unit column stride; only the first M are read
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    r0,  # their row strides
+    r1,
+    r2,
+    r3,
+    r4,
+    r5,
+    r6,
+    r7,
+    coef_ptr,  # [M, N] fp32: the factor of model i's logits in row n
+    offset_ptr,  # [M, N] fp32: the term added to it
+    out_ptr,  # [N, V] fp32 out: log q, row stride out_stride
+    out_stride,
+    num_rows,
+    vocab_size,
+    M: tl.constexpr,
+    MIXTURE: tl.constexpr,  # False: log q = sum_i t_i; True: log q = logsumexp_i t_i; t_i = coef_i x_i + offset_i
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = offs < vocab_size
+    # Log-linear: the running sum. Mixture: an online logsumexp over the M models, its maximum
+    # starting at -FLT_MAX (not -inf) so that a -inf term adds exp(-inf) = 0 rather than NaN, and an
+    # element that is -inf for every model ends as -FLT_MAX + log(0) = -inf.
+    acc = tl.full((BLOCK_V,), 0.0, tl.float32)
+    run_max = tl.full((BLOCK_V,), -FLT_MAX, tl.float32)
+    for i in tl.static_range(M):
+        row_ptr = _model_row(i, row, p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7)
+        x = tl.load(row_ptr + offs, mask=in_vocab, other=0.0).to(tl.float32)
+        coef = tl.load(coef_ptr + i * num_rows + row)
+        offset = tl.load(offset_ptr + i * num_rows + row)
+        term = coef * x + offset
+        if MIXTURE:
+            new_max = tl.maximum(run_max, term)
+            acc = acc * tl.exp(run_max - new_max) + tl.exp(term - new_max)
+            run_max = new_max
+        else:
+            acc += term
+    if MIXTURE:
+        acc = run_max + tl.log(acc)
+    tl.store(out_ptr + row * out_stride + offs, acc, mask=in_vocab)
+
+
 # ------------------------------------------------------------------------------------------ launchers
 
 
@@ -257,6 +354,33 @@ def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
             num_strategies,
             M=num_models,
             S_PAD=triton.next_power_of_2(num_strategies),
+            BLOCK_V=config["BLOCK_V"],
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
+    return out
+
+
+def _pool_log_probs(
+    logits: list[torch.Tensor], coef: torch.Tensor, offset: torch.Tensor, mixture: bool
+) -> torch.Tensor:
+    """Pass 3: logits M x [N, V], coef/offset [M, N] fp32 -> log q [N, V] fp32 (see the module docstring)."""
+    num_rows, vocab_size = logits[0].shape
+    out = _empty((num_rows, vocab_size), torch.float32, coef.device)
+    config = _config("log_probs", vocab_size)
+    padded = logits + [logits[0]] * (MAX_MODELS - len(logits))  # unused pointer arguments
+    with on_device(coef):
+        _fused_log_probs_kernel[(num_rows, triton.cdiv(vocab_size, config["BLOCK_V"]))](
+            *padded,
+            *(lg.stride(0) for lg in padded),
+            coef,
+            offset,
+            out,
+            out.stride(0),
+            num_rows,
+            vocab_size,
+            M=len(logits),
+            MIXTURE=mixture,
             BLOCK_V=config["BLOCK_V"],
             num_warps=config["num_warps"],
             num_stages=config["num_stages"],
@@ -324,6 +448,49 @@ def _(logits, targets, strategy_ids, temperatures, weights):
     )
 
 
+@torch.library.custom_op("moc_kernels::fused_log_probs", mutates_args=())
+def fused_log_probs_op(
+    logits: list[torch.Tensor], strategy_id: int, temperatures: list[float], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits M x [N, V] -> (log q [N, V], weights [M, N]), fp32; strategy_id indexes ``STRATEGIES``."""
+    strategy = STRATEGIES[strategy_id]
+    num_models, (num_rows, vocab_size) = len(logits), logits[0].shape
+    device = logits[0].device
+    if num_rows == 0:  # nothing to launch
+        return logits[0].new_empty((0, vocab_size), dtype=torch.float32), logits[0].new_empty(
+            (num_models, 0), dtype=torch.float32
+        )
+    logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
+    no_targets = torch.full((num_rows,), IGNORE_INDEX, dtype=torch.int64, device=device)
+    stats = _empty((4, num_models, num_rows), torch.float32, device)
+    for i in range(num_models):
+        _model_stats(logits[i], no_targets, temperatures[i], stats[:, i])
+    log_sum_exp, entropy, gap, _ = stats.unbind(0)  # each [M, N]
+    alphas = strategy_weights(strategy, entropy, gap, torch.tensor(weights, dtype=torch.float32, device=device))
+    inv_temps = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32, device=device)[:, None]
+    # A +inf or NaN logit makes its model's lse non-finite: the whole row becomes NaN through the offset.
+    poisoned = torch.where(log_sum_exp.isfinite().all(0), 0.0, float("nan"))  # [N]
+    if strategy in LINEAR_POOLS:
+        # log q[v] = logsumexp_i(log a_i + z_i[v] - lse_i) with z_i = logits_i / T_i.
+        coef = inv_temps.expand(num_models, num_rows).contiguous()
+        offset = (alphas.log() - log_sum_exp + poisoned).contiguous()
+        return _pool_log_probs(logits, coef, offset, mixture=True), alphas
+    # log q[v] = f[v] - lse(f), f = sum_i (a_i / T_i) logits_i: pass 2 gives lse(f) (NaN if f has +inf).
+    coef = (alphas * inv_temps).contiguous()
+    offset = torch.zeros_like(coef)
+    offset[0] = poisoned - _fused_lse(logits, coef[None])[0]
+    return _pool_log_probs(logits, coef, offset, mixture=False), alphas
+
+
+@fused_log_probs_op.register_fake
+def _(logits, strategy_id, temperatures, weights):
+    num_rows, vocab_size = logits[0].shape
+    return (
+        logits[0].new_empty((num_rows, vocab_size), dtype=torch.float32),
+        logits[0].new_empty((len(logits), num_rows), dtype=torch.float32),
+    )
+
+
 # ------------------------------------------------------------------------------------------ public API
 
 
@@ -365,6 +532,28 @@ def fused_logit_nll(
 ) -> FusedNLL:
     """NLL of ``targets`` under the fused distribution of M >= 2 models (see ``fused_logit_nll_multi``)."""
     return fused_logit_nll_multi(logits, targets, [strategy], temperatures, weights)[strategy]
+
+
+def fused_log_probs(
+    logits: Sequence[torch.Tensor],
+    strategy: str,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log q [N, V] fp32 of the fused distribution (and the weights [M, N] fp32 with ``return_weights``).
+
+    logits: M (2..8) tensors [N, V] fp32|bf16|fp16. Same math as the reference ``fused_log_probs``.
+    """
+    num_models = len(logits)
+    if num_models > MAX_MODELS:
+        raise ValueError(f"fused_log_probs (triton): at most {MAX_MODELS} models, got {num_models}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"fused_log_probs: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    temps = [float(t) for t in temperatures] if temperatures is not None else [1.0] * num_models
+    fixed = [float(w) for w in weights] if weights is not None else [1.0 / num_models] * num_models
+    log_q, alphas = fused_log_probs_op(list(logits), STRATEGIES.index(strategy), temps, fixed)
+    return (log_q, alphas) if return_weights else log_q
 
 
 # ------------------------------------------------------------------------------------------ compile specs
@@ -416,6 +605,25 @@ def compile_specs() -> list[KernelSpec]:
                         fn=_fused_lse_kernel,
                         signature=signature,
                         constexprs={"M": num_models, "S_PAD": s_pad, "BLOCK_V": config["BLOCK_V"]},
+                        num_warps=config["num_warps"],
+                        num_stages=config["num_stages"],
+                    )
+                )
+        for size, config in CONFIGS["log_probs"].items():
+            for num_models, mixture in ((2, False), (2, True), (MAX_MODELS, False), (MAX_MODELS, True)):
+                signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
+                signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
+                signature |= {"coef_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32", "out_stride": "i64"}
+                signature |= {"num_rows": "i32", "vocab_size": "i32"}
+                signature |= {"M": "constexpr", "MIXTURE": "constexpr", "BLOCK_V": "constexpr"}
+                pool = "mix" if mixture else "lin"
+                specs.append(
+                    KernelSpec(
+                        kernel="_fused_log_probs_kernel",
+                        config=f"{size}-BV{config['BLOCK_V']}-M{num_models}-{pool}-w{config['num_warps']}-{name}",
+                        fn=_fused_log_probs_kernel,
+                        signature=signature,
+                        constexprs={"M": num_models, "MIXTURE": mixture, "BLOCK_V": config["BLOCK_V"]},
                         num_warps=config["num_warps"],
                         num_stages=config["num_stages"],
                     )
