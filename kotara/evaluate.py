@@ -49,7 +49,7 @@ class EvalResult:
     strategies: list[str]
     tokens: int
     num_bytes: int
-    model_nll: list[float]
+    model_nll: list[float]  # each model alone at temperature 1 (the original tool's baseline)
     strategy_nll: dict[str, float]
     strategy_mean_weights: dict[str, list[float]]
     pairs: list[tuple[int, int]]
@@ -60,6 +60,9 @@ class EvalResult:
     forward_s: float
     fusion_s: float
     world_size: int = 1
+    # Each model alone at its fusion temperature T_i (= model_nll where T_i = 1): how much of a fused
+    # gain the temperature alone gives. None: not computed (equal to model_nll).
+    model_nll_at_temperature: list[float] | None = None
     # Per-token NLL [tokens] fp32 in text order, keyed by model name and strategy (keep_token_nll only).
     token_nll: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -118,6 +121,7 @@ def evaluate(
     tokens = torch.zeros((), dtype=torch.float64)
     model_nll = torch.zeros(num_models, dtype=torch.float64)
     model_nll_sq = torch.zeros(num_models, dtype=torch.float64)
+    model_nll_tempered = torch.zeros(num_models, dtype=torch.float64)
     agree = torch.zeros(len(pairs), dtype=torch.float64)
     jsd = torch.zeros(len(pairs), dtype=torch.float64)
     nll_cross = torch.zeros(len(pairs), dtype=torch.float64)
@@ -138,7 +142,7 @@ def evaluate(
         _sync(fuse_device)
         t1 = time.perf_counter()
 
-        stats = token_stats(rows, targets)
+        stats = token_stats(rows, targets, spec.temperatures)
         fused: dict[str, moc_kernels.FusedNLL] = {}
         for group, weights in spec.groups():
             fused.update(moc_kernels.fused_logit_nll_multi(rows, targets, group, spec.temperatures, weights))
@@ -150,6 +154,7 @@ def evaluate(
         tokens += targets.numel()
         model_nll += nll.sum(1)
         model_nll_sq += (nll * nll).sum(1)
+        model_nll_tempered += stats["nll_at_temperature"].double().sum(1).cpu()
         agree += stats["agree"].double().sum(1).cpu()
         jsd += stats["jsd"].double().sum(1).cpu()
         for k, (i, j) in enumerate(pairs):
@@ -166,7 +171,8 @@ def evaluate(
     bar.close()
     elapsed = time.perf_counter() - start
 
-    parts = [tokens[None], model_nll, model_nll_sq, agree, jsd, nll_cross, strategy_nll, strategy_weights.flatten()]
+    parts = [tokens[None], model_nll, model_nll_sq, model_nll_tempered, agree, jsd, nll_cross, strategy_nll]
+    parts.append(strategy_weights.flatten())
     sums = torch.cat(parts)
     timings = torch.tensor([elapsed, forward_s, fusion_s], dtype=torch.float64)
     if world > 1:
@@ -177,7 +183,9 @@ def evaluate(
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
         sums, timings = sums.cpu(), timings.cpu()
     sizes = [p.numel() for p in parts]
-    (tokens, model_nll, model_nll_sq, agree, jsd, nll_cross, strategy_nll, strategy_weights) = sums.split(sizes)
+    (tokens, model_nll, model_nll_sq, model_nll_tempered, agree, jsd, nll_cross, strategy_nll, strategy_weights) = (
+        sums.split(sizes)
+    )
     strategy_weights = strategy_weights.view(len(spec.strategies), num_models)
     n = float(tokens.item())
     if n == 0:
@@ -209,5 +217,6 @@ def evaluate(
         forward_s=float(timings[1]),
         fusion_s=float(timings[2]),
         world_size=world,
+        model_nll_at_temperature=model_nll_tempered.tolist(),
         token_nll={k: torch.cat(v) for k, v in kept.items()} if keep_token_nll else None,
     )

@@ -32,13 +32,16 @@ def _chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def token_stats(
+    logits: list[torch.Tensor], targets: torch.Tensor, temperatures: list[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Per-token statistics of M models' scored rows.
 
     logits: M tensors [n, V] (any float dtype, one device); targets: [n] int64.
     Returns fp32 tensors: ``nll`` [M, n] (fp32 log-softmax cross-entropy), ``agree`` [P, n]
     (1.0 where the pair's argmax agree), ``jsd`` [P, n] (nats), with P = M(M-1)/2 pairs in
-    ``model_pairs`` order.
+    ``model_pairs`` order. With ``temperatures`` (one per model) also ``nll_at_temperature`` [M, n]:
+    each model alone at its fusion temperature (the same tensor as ``nll`` where that is 1).
     """
     num_models, (num_rows, vocab_size) = len(logits), logits[0].shape
     pairs = model_pairs(num_models)
@@ -46,11 +49,16 @@ def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, 
     nll = torch.empty(num_models, num_rows, dtype=torch.float32, device=device)
     agree = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
     jsd = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
+    tempered = [i for i, t in enumerate(temperatures or []) if t != 1.0]
+    nll_tempered = nll.clone() if tempered else nll  # filled below for the rows of tempered models
     step = _chunk_rows(vocab_size, device)
     for start in range(0, num_rows, step):
         rows = slice(start, min(start + step, num_rows))
-        log_probs = [torch.log_softmax(lg[rows].float(), dim=-1) for lg in logits]
         target = targets[rows, None]
+        for i in tempered:
+            log_p = torch.log_softmax(logits[i][rows].float() / temperatures[i], dim=-1)
+            nll_tempered[i, rows] = -log_p.gather(1, target).squeeze(1)
+        log_probs = [torch.log_softmax(lg[rows].float(), dim=-1) for lg in logits]
         for i, lp in enumerate(log_probs):
             nll[i, rows] = -lp.gather(1, target).squeeze(1)  # inf for an impossible (-inf logit) target
             lp.clamp_(min=torch.finfo(torch.float32).min)  # -inf -> finite, so p * log p below is 0, not NaN
@@ -65,7 +73,10 @@ def token_stats(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, 
             mid = (probs[i] + probs[j]).mul_(0.5)
             entropy_mid = -torch.xlogy(mid, mid).sum(-1, dtype=torch.float64)
             jsd[k, rows] = (entropy_mid + 0.5 * (neg_entropy[i] + neg_entropy[j])).clamp_min(0.0).float()
-    return {"nll": nll, "agree": agree, "jsd": jsd}
+    out = {"nll": nll, "agree": agree, "jsd": jsd}
+    if temperatures is not None:
+        out["nll_at_temperature"] = nll_tempered
+    return out
 
 
 def pearson_from_sums(n: float, sum_x: float, sum_y: float, sum_xx: float, sum_yy: float, sum_xy: float) -> float:

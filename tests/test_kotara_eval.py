@@ -141,6 +141,18 @@ def test_fusing_a_model_with_itself_gives_its_own_ppl_for_every_strategy(workspa
     assert result.nll_pearson[0] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_alone_at_temperature_is_self_fusion_at_that_temperature(workspace):
+    """A model fused with itself at T is that model alone at T: the row Kotara adds for tempered models.
+    The T = 1 baseline stays the model's own NLL, whatever the fusion temperatures are."""
+    tokenizer, models, text = _load(workspace, ["a", "a"], max_tokens=3 * MAX_LENGTH)
+    plain = _run(models, text, tokenizer, stride=MAX_LENGTH)
+    tempered = _run(models, text, tokenizer, stride=MAX_LENGTH, temperatures=[0.7, 0.7])
+    assert tempered.model_nll == pytest.approx(plain.model_nll, rel=1e-9)
+    assert tempered.model_nll_at_temperature[0] == pytest.approx(tempered.strategy_nll["average"], rel=1e-5)
+    assert tempered.model_nll_at_temperature[0] != pytest.approx(tempered.model_nll[0], rel=1e-3)
+    assert plain.model_nll_at_temperature == pytest.approx(plain.model_nll, rel=1e-12)  # T = 1: the same
+
+
 def test_strategy_all_equals_each_strategy_alone(workspace):
     tokenizer, models, text = _load(workspace, ["a", "b"], max_tokens=3 * MAX_LENGTH)
     temps = [0.85, 1.1]
