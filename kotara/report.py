@@ -1,10 +1,16 @@
-"""The console table and the ``--save_metrics`` JSON.
+"""The console table and the ``--save_metrics`` JSON of scoring; the console lines and the
+``--save_outputs`` JSONL of generation.
 
 The JSON keeps the original tool's keys (``baseline_ppl_a``, ``baseline_ppl_b``, ``fused_ppl``,
 ``strategy``, ``temps``, ``poe_betas``, ``weights``, ``config``) with their original shapes for a
 single strategy, and adds ``tokens``, ``bytes``, ``bits_per_byte``, ``models``, ``strategies``,
 ``similarity``, ``throughput`` and ``prefix_token``. With ``--strategy all`` ``fused_ppl`` and
 ``weights`` map each strategy to its value.
+
+"Alone" means temperature 1: ``baseline_ppl_*`` and ``models[i].ppl`` are each model's own
+perplexity, as the original tool's baseline was. ``models[i].ppl_at_temperature`` is the model alone
+at its fusion temperature (equal to ``ppl`` when that is 1), and the table shows it as one more row
+where it differs, so that a fused gain which the temperature alone would give is visible.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import tempfile
 from typing import Any
 
 from kotara.evaluate import EvalResult, FusionSpec
+from kotara.generate import Generation
 
 
 def _finite(x: float) -> float | None:
@@ -53,6 +60,7 @@ def build_metrics(
     metrics["bits_per_byte"] = {name: result.bits_per_byte(nll) for name, nll in zip(names, result.model_nll)} | {
         s: result.bits_per_byte(result.strategy_nll[s]) for s in result.strategies
     }
+    tempered_nll = result.model_nll_at_temperature or result.model_nll
     metrics["models"] = [
         {
             "name": name,
@@ -60,8 +68,10 @@ def build_metrics(
             "tokens": result.tokens,
             "nll": nll,
             "nll_per_token": nll / result.tokens,
-            "ppl": result.ppl(nll),
+            "ppl": result.ppl(nll),  # at temperature 1, as baseline_ppl_*
             "bits_per_byte": result.bits_per_byte(nll),
+            "ppl_at_temperature": result.ppl(tempered_nll[i]),  # alone at its fusion temperature
+            "nll_at_temperature": tempered_nll[i],
             "temperature": spec.temperatures[i],
             "weight": spec.weights[i],
             "poe_beta": spec.poe_betas[i],
@@ -105,18 +115,40 @@ def build_metrics(
     return metrics
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+def _write_atomic(path: str, text: str, suffix: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".kotara-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".kotara-", suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` (atomically)."""
+    _write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n", ".json")
+
+
+def write_jsonl_atomic(path: str, records: list[dict[str, Any]]) -> None:
+    """Write one JSON object per line to ``path`` (atomically)."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), ".jsonl")
+
+
+def format_generation(generation: Generation, index: int, total: int, model_names: list[str]) -> str:
+    """One generated completion for the console: a header line, the prompt and the completion."""
+    steps = len(generation.token_ids)
+    mean = [sum(w[i] for w in generation.weights) / max(steps, 1) for i in range(len(model_names))]
+    weights = " ".join(f"{name} {w:.3f}" for name, w in zip(model_names, mean))
+    return (
+        f"[{index + 1}/{total}] {generation.strategy} · {generation.finish_reason} after {steps} tokens · "
+        f"mean weights {weights}\n"
+        f"prompt:     {generation.prompt}\n"
+        f"completion: {generation.completion}\n"
+    )
 
 
 def _ppl(x: float) -> str:
@@ -136,12 +168,20 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
         header,
         "-" * len(header),
     ]
-    for i, (name, nll) in enumerate(zip(names, result.model_nll)):
-        label = f"model {name} (T={spec.temperatures[i]:g})"
+    # Each model alone at T = 1 (the baseline); where its fusion temperature is not 1, also alone at
+    # that temperature, so a fused gain that the temperature alone gives is visible.
+    tempered_nll = result.model_nll_at_temperature or result.model_nll
+    rows = [(f"model {name} (T=1)", nll) for name, nll in zip(names, result.model_nll)]
+    rows += [
+        (f"model {name} (T={spec.temperatures[i]:g})", tempered_nll[i])
+        for i, name in enumerate(names)
+        if spec.temperatures[i] != 1.0
+    ]
+    for label, nll in rows:
         lines.append(
             f"{label:<24}{_ppl(result.ppl(nll)):>14}{nll / result.tokens:>12.4f}{result.bits_per_byte(nll):>11.4f}"
         )
-    best = min(result.model_nll)
+    best = min(nll for _, nll in rows)
     for s in result.strategies:
         nll = result.strategy_nll[s]
         mark = " *" if nll < best else ""
@@ -151,7 +191,7 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
             f"{result.bits_per_byte(nll):>11.4f}  {weights}{mark}"
         )
     lines.append("-" * len(header))
-    lines.append("* fused beats every single model.  w_x: mean weight model x received.")
+    lines.append("* fused beats every single-model row above.  w_x: mean weight model x received.")
     for k, (i, j) in enumerate(result.pairs):
         corr = result.nll_pearson[k]
         lines.append(

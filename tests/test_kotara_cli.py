@@ -53,7 +53,9 @@ def test_original_command_line_works_unchanged(workspace, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fused entropy" in proc.stdout and "model a (T=0.85)" in proc.stdout and "tokens/s" in proc.stdout
+    assert "fused entropy" in proc.stdout and "tokens/s" in proc.stdout
+    # Alone = T 1 (the original baseline); tempered models get one more row, alone at their temperature.
+    assert "model a (T=1)" in proc.stdout and "model a (T=0.85)" in proc.stdout and "model b (T=1.1)" in proc.stdout
     metrics = json.loads(out.read_text())
     for key in ("baseline_ppl_a", "baseline_ppl_b", "fused_ppl", "strategy", "temps", "poe_betas", "weights", "config"):
         assert key in metrics, key
@@ -63,6 +65,10 @@ def test_original_command_line_works_unchanged(workspace, tmp_path):
     assert set(metrics["weights"]) == {"w_a_mean", "w_b_mean"}
     assert metrics["weights"]["w_a_mean"] + metrics["weights"]["w_b_mean"] == pytest.approx(1.0)
     assert metrics["config"]["max_length"] == 16 and metrics["config"]["dtypes"] == ["bfloat16", "bfloat16"]
+    model_a = metrics["models"][0]
+    assert metrics["baseline_ppl_a"] == model_a["ppl"] and model_a["temperature"] == 0.85
+    assert model_a["ppl_at_temperature"] == pytest.approx(math.exp(model_a["nll_at_temperature"] / metrics["tokens"]))
+    assert model_a["ppl_at_temperature"] != pytest.approx(model_a["ppl"], rel=1e-3)
     assert metrics["config"]["logit_columns"][1] == metrics["config"]["vocab_size"] + 5
     tokens = metrics["tokens"]
     assert tokens == metrics["models"][0]["tokens"] > 0
@@ -94,6 +100,7 @@ def test_strategy_all_with_three_models(workspace, tmp_path, capsys):
     assert [m["name"] for m in metrics["models"]] == ["a", "b", "c"]
     assert {"baseline_ppl_a", "baseline_ppl_b", "baseline_ppl_c"} <= set(metrics)
     assert metrics["temps"] == {"a": 0.9, "b": 0.9, "c": 0.9}
+    assert all(m["ppl_at_temperature"] > 0 for m in metrics["models"])
     assert metrics["poe_betas"] == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert [p["models"] for p in metrics["similarity"]["pairs"]] == [["a", "b"], ["a", "c"], ["b", "c"]]
     assert metrics["strategies"]["mixture"]["mean_weights"] == pytest.approx(
@@ -119,6 +126,8 @@ def test_strategy_all_with_three_models(workspace, tmp_path, capsys):
         ("cuda_absent", "CUDA is not available"),
         ("foreign_tokenizer", "tokenizer mismatch"),
         ("temperature_zero", "--temp values must be > 0"),
+        ("negative_weight", "--weight values must be > 0"),
+        ("all_betas_negative", "--poe_beta values must be finite with at least one > 0"),
         ("bad_flag", "unrecognized arguments"),
     ],
 )
@@ -146,6 +155,8 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(workspace, tmp_path, 
         "unknown_strategy": ["--strategy", "vote"],
         "cuda_absent": ["--device", "cuda"],
         "temperature_zero": ["--temp_b", "0"],
+        "negative_weight": ["--strategy", "mixture", "--weight", "1", "--weight", "-1"],
+        "all_betas_negative": ["--strategy", "poe", "--poe_beta", "-1", "--poe_beta", "-0.5"],
         "bad_flag": ["--frobnicate"],
     }.get(case, [])
     argv = ["--model_a", str(workspace["a"])]
@@ -163,6 +174,45 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(workspace, tmp_path, 
     assert "Traceback" not in stderr
     assert not out.exists()
     assert list(tmp_path.glob(".kotara-*")) == []
+
+
+def test_score_subcommand_is_the_flat_command_and_scores_contrastive_poe(workspace, tmp_path, capsys):
+    """``kotara score ...`` = the original flat command line; a negative poe beta scores the normalised
+    contrastive distribution (finite, and different from the default betas)."""
+    common = ["--model", str(workspace["a"]), "--model", str(workspace["b"]), "--dataset_path", str(workspace["text"])]
+    common += ["--strategy", "poe", "--max_length", "16", "--stride", "8", "--no_progress"]
+    results = {}
+    for name, argv in (
+        ("flat", common),
+        ("score", ["score", *common]),
+        ("contrastive", ["score", *common, "--poe_beta", "1.5", "--poe_beta", "-0.5"]),
+    ):
+        out = tmp_path / f"{name}.json"
+        code, _, _ = _run_main([*argv, "--save_metrics", str(out)], capsys)
+        assert code == 0, name
+        results[name] = json.loads(out.read_text())
+    assert results["score"]["strategies"] == results["flat"]["strategies"]
+    contrastive = results["contrastive"]
+    assert contrastive["poe_betas"] == {"a": 1.5, "b": -0.5}
+    assert math.isfinite(contrastive["fused_ppl"])
+    assert contrastive["fused_ppl"] != pytest.approx(results["flat"]["fused_ppl"], rel=1e-3)
+
+
+def test_torchrun_rank_selects_its_gpu_before_nccl_init(monkeypatch):
+    """Under torchrun with CUDA devices, each rank makes cuda:LOCAL_RANK current before the process
+    group exists (NCCL communicates on the current device)."""
+    from kotara import cli
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    cli._init_distributed([torch.device("cuda", 1), torch.device("cuda", 1)])
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+    calls.clear()
+    cli._init_distributed([torch.device("cpu")])
+    assert calls == [("init", "gloo")]
 
 
 def _free_port() -> int:

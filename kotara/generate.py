@@ -1,0 +1,469 @@
+"""Generating text from the fused model (DESIGN §5a): M >= 2 causal LMs decoded as one.
+
+Every step, each model runs one forward over the new token only, with its own KV cache
+(``transformers.DynamicCache``); the next-token distribution is the same fused q that scoring uses,
+``moc_kernels.fused_log_probs`` over the whole vocabulary, with the strategy's weights computed
+from that step's logits (``entropy``, ``gap``, ``mixture_*``) or fixed (``average``, ``poe``,
+``mixture``). Greedy takes argmax q; sampling reshapes q by the decoding temperature, then
+``top_k``, then ``top_p`` (always on q, after fusion, never on one model), and draws.
+
+Prompts are batched with left padding: an attention mask over the cache, and per-row position ids
+(``cumsum(mask) - 1``) for the models that take them. Each model is checked once on a tiny
+left-padded batch; one whose padded row does not give the unpadded row's logits (e.g.
+``LunarisForCausalLM``, which refuses padding) is instead stepped in groups of prompts of equal
+length, one cache per group: the results are the same, the batch is just split for that model.
+Rows that finish (EOS, a stop string) leave the batch and every cache at once.
+
+Cache argument: transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old
+name still works there, deprecated); the name is taken from each model's forward signature, so
+5.17 and 5.24 models (and ours, which accepts both) are called the way they expect. The cache is
+updated in place, so it is never read back from the output (whose field was renamed too).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import moc_kernels
+from kotara.loading import LoadedModel, model_label, resolve_prefix
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclass
+class Generation:
+    """One prompt's completion. ``token_ids`` are the generated ids (an ending EOS included, the
+    prompt excluded); ``weights[t][i]`` is the weight model i received at generated token t."""
+
+    prompt: str
+    completion: str  # decoded text, without an ending EOS and cut before a stop string
+    token_ids: list[int]
+    weights: list[list[float]]
+    strategy: str
+    finish_reason: str  # "eos", "stop" or "length"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "token_ids": self.token_ids,
+            "weights": self.weights,
+            "strategy": self.strategy,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen from log q. Greedy unless ``do_sample``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0  # decoding temperature: q^(1/temperature), renormalised
+    top_k: int | None = None  # keep the k most probable tokens (ties at the k-th value all kept)
+    top_p: float | None = None  # then the fewest most probable tokens whose probability sums to >= top_p
+
+    def check(self) -> None:
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def restrict_support(scores: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``scores`` [N, V] (log-probabilities up to a per-row constant) with the tokens outside the
+    top-k / top-p set at -inf. top-k keeps every token scoring at least the k-th largest score;
+    top-p then keeps the fewest most probable tokens whose probabilities (``softmax(scores)`` after
+    top-k) sum to at least ``top_p``, at least one token."""
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Token j is kept while the mass of the tokens before it is still < top_p (so token 0 always is).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def next_tokens(log_q: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row: log_q [N, V] fp32 -> [N] int64 (argmax, or a draw as ``sampling`` says)."""
+    if not sampling.do_sample:
+        return log_q.argmax(-1)
+    scores = restrict_support(log_q / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def _new_cache(module: torch.nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    try:  # transformers 5: the config tells the cache its layer types (sliding windows, ...)
+        return DynamicCache(config=module.config)
+    except TypeError:  # older releases take no config
+        return DynamicCache()
+
+
+@dataclass
+class _Model:
+    """A causal LM as generation calls it: how its forward takes the cache, positions and logits."""
+
+    name: str
+    module: torch.nn.Module
+    device: torch.device
+    columns: int  # logit columns (may exceed the vocabulary: padding, dropped)
+    cache_arg: str = field(init=False)
+    takes_positions: bool = field(init=False)
+    takes_logits_to_keep: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.module.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.takes_positions = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+
+    @classmethod
+    def wrap(cls, model: LoadedModel | torch.nn.Module, index: int) -> _Model:
+        if isinstance(model, LoadedModel):
+            return cls(model.name, model.module, model.device, model.logit_columns)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        columns = head.weight.shape[0] if head is not None else int(model.config.vocab_size)
+        return cls(model_label(index), model, next(model.parameters()).device, int(columns))
+
+    def last_logits(self, input_ids: torch.Tensor, cache: Any, mask: torch.Tensor | None, positions) -> torch.Tensor:
+        """Logits [B, columns] after the last position of ``input_ids`` [B, T], extending ``cache``."""
+        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if positions is not None and self.takes_positions:
+            kwargs["position_ids"] = positions
+        if self.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # the prefill needs the last position's logits only
+        out = self.module(input_ids=input_ids, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1]
+
+    def max_positions(self) -> int | None:
+        value = getattr(self.module.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: the count of real tokens before each one (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+class _PaddedRunner:
+    """One model stepped over the whole left-padded batch, one cache, an attention mask over it."""
+
+    def __init__(self, model: _Model) -> None:
+        self.model = model
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.cache = _new_cache(self.model.module)
+        self.mask = mask.to(self.model.device)
+        return self.model.last_logits(input_ids.to(self.model.device), self.cache, self.mask, _positions(self.mask))
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        return self.model.last_logits(next_ids[:, None].to(self.model.device), self.cache, self.mask, positions)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` ([b] int64, positions in the current batch)."""
+        rows = rows.to(self.model.device)
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+
+class _GroupedRunner:
+    """One model that cannot take left padding: the batch split into groups of equal prompt length,
+    each unpadded with its own cache (all rows of a group then stay equally long)."""
+
+    def __init__(self, model: _Model) -> None:
+        self.model = model
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(-1).tolist()
+        self.groups: list[tuple[list[int], Any]] = []  # (batch positions, cache)
+        out = None
+        for length in sorted(set(lengths)):
+            rows = [r for r, n in enumerate(lengths) if n == length]
+            cache = _new_cache(self.model.module)
+            ids = input_ids[rows, input_ids.shape[1] - length :].to(self.model.device)
+            logits = self.model.last_logits(ids, cache, None, None)
+            out = logits.new_empty(len(lengths), logits.shape[1]) if out is None else out
+            out[rows] = logits
+            self.groups.append((rows, cache))
+        return out
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        out = None
+        for rows, cache in self.groups:
+            ids = next_ids[rows, None].to(self.model.device)
+            logits = self.model.last_logits(ids, cache, None, None)
+            out = logits.new_empty(next_ids.shape[0], logits.shape[1]) if out is None else out
+            out[rows] = logits
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        new_position = {old: new for new, old in enumerate(rows.tolist())}
+        groups = []
+        for members, cache in self.groups:
+            kept = [k for k, r in enumerate(members) if r in new_position]
+            if kept and len(kept) < len(members):
+                cache.batch_select_indices(torch.tensor(kept, device=self.model.device))
+            if kept:
+                groups.append(([new_position[members[k]] for k in kept], cache))
+        self.groups = groups
+
+
+@torch.no_grad()
+def handles_left_padding(model: _Model) -> bool:
+    """Whether a left-padded row gives the logits of the same row unpadded (mask and positions honoured).
+
+    Checked once per model on a 2-token batch. A model that raises on padding (``LunarisForCausalLM``)
+    or gets it wrong fails, and is then stepped in groups of equal length instead (correct, less batched).
+    """
+    tokens = torch.tensor([[1, 2], [0, 2]], device=model.device)
+    mask = torch.tensor([[1, 1], [0, 1]], device=model.device)
+    try:
+        padded = _PaddedRunner(model).prefill(tokens, mask)[1].double()
+        alone = _PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0].double()
+    except (ValueError, RuntimeError, TypeError, NotImplementedError):
+        return False
+    tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2  # fp32 vs half-precision rounding
+    return bool((padded - alone).norm() <= tolerance * alone.norm())
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+@dataclass
+class _Row:
+    """A prompt being completed."""
+
+    index: int  # in the prompts list
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_at: int | None = None  # where the completion text is cut (a stop string starts there)
+
+
+class _Text:
+    """Decoding a row: EOS, stop strings, the completion text.
+
+    The completion is decoded together with the prompt and the prompt's own decoding is cut off, so
+    that tokenizers that drop a leading space when a sequence starts (SentencePiece) keep it.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], stops: Sequence[str]) -> None:
+        self.tokenizer, self.eos_ids, self.stops = tokenizer, eos_ids, list(stops)
+
+    def _decode(self, row: _Row, token_ids: list[int]) -> str:
+        prefix = self.tokenizer.decode(row.prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(row.prompt_ids + token_ids, skip_special_tokens=True)
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def update(self, row: _Row) -> None:
+        """Set ``finish_reason`` if the row's last token ends it."""
+        if row.token_ids[-1] in self.eos_ids:
+            row.finish_reason = "eos"
+        elif self.stops:
+            text = self._decode(row, row.token_ids)
+            found = [text.find(s) for s in self.stops if s in text]
+            if found:
+                row.finish_reason, row.stop_at = "stop", min(found)
+
+    def completion(self, row: _Row) -> str:
+        ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
+        return self._decode(row, ids)[: row.stop_at]
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@dataclass
+class _Fusion:
+    strategy: str
+    temperatures: list[float] | None
+    weights: list[float] | None
+    sampling: Sampling
+    generator: torch.Generator | None
+    device: torch.device
+    vocab_size: int
+
+    def choose(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model's logits [b, columns] -> next ids [b] int64 and the weights [b, M] fp32."""
+        rows = [lg[:, : self.vocab_size].to(self.device) for lg in logits]
+        log_q, alphas = moc_kernels.fused_log_probs(
+            rows, self.strategy, self.temperatures, self.weights, return_weights=True
+        )
+        return next_tokens(log_q, self.sampling, self.generator), alphas.t()
+
+
+def _left_pad(rows: list[_Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r.prompt_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for k, row in enumerate(rows):
+        input_ids[k, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+        mask[k, width - len(row.prompt_ids) :] = 1
+    return input_ids, mask
+
+
+def _generate_batch(
+    runners: list[Any], rows: list[_Row], fusion: _Fusion, text: _Text, max_new_tokens: int, pad_id: int, bar: tqdm
+) -> None:
+    """Complete ``rows`` in place: prefill every model, then one fused step per new token."""
+    input_ids, mask = _left_pad(rows, pad_id)
+    logits = [runner.prefill(input_ids, mask) for runner in runners]
+    active = list(rows)
+    for step in range(max_new_tokens):
+        next_ids, alphas = fusion.choose(logits)
+        still = []
+        for k, (row, token, weights) in enumerate(zip(active, next_ids.tolist(), alphas.tolist())):
+            row.token_ids.append(token)
+            row.weights.append(weights)
+            text.update(row)
+            if row.finish_reason is None:
+                still.append(k)
+        bar.update(len(active) - len(still))
+        if not still or step == max_new_tokens - 1:
+            break
+        if len(still) < len(active):  # finished rows leave every cache: no more work for them
+            keep = torch.tensor(still)
+            for runner in runners:
+                runner.keep(keep)
+            next_ids = next_ids[keep.to(next_ids.device)]
+            active = [active[k] for k in still]
+        logits = [runner.step(next_ids) for runner in runners]
+    for row in active:
+        if row.finish_reason is None:
+            row.finish_reason = "length"
+            bar.update(1)
+
+
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix: str | None) -> list[_Row]:
+    _, prefix_id = resolve_prefix(tokenizer, prefix)
+    rows = []
+    for index, prompt in enumerate(prompts):
+        ids = ([] if prefix_id is None else [prefix_id]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {index + 1} is empty and the tokenizer has no BOS to start from")
+        rows.append(_Row(index, prompt, ids))
+    return rows
+
+
+def _check_models(models: list[_Model], rows: list[_Row], vocab_size: int, max_new_tokens: int) -> None:
+    longest = max(rows, key=lambda r: len(r.prompt_ids))
+    for model in models:
+        if model.columns < vocab_size:
+            raise ValueError(
+                f"vocab mismatch: model {model.name} has {model.columns} output columns but the tokenizer has "
+                f"{vocab_size} tokens"
+            )
+        limit = model.max_positions()
+        if limit is not None and len(longest.prompt_ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {longest.index + 1} has {len(longest.prompt_ids)} tokens: with max_new_tokens "
+                f"{max_new_tokens} it needs {len(longest.prompt_ids) + max_new_tokens} positions, model "
+                f"{model.name} has {limit}"
+            )
+
+
+@torch.no_grad()
+def generate(
+    models: Sequence[LoadedModel | torch.nn.Module],
+    tokenizer: Any,
+    prompts: Sequence[str],
+    strategy: str = "entropy",
+    max_new_tokens: int = 64,
+    *,
+    temperatures: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    do_sample: bool = False,
+    sampling_temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    eos_token_id: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    prefix_token: str | None = None,
+    progress: bool = False,
+) -> list[Generation]:
+    """Complete each prompt with the fused model of ``models`` (M >= 2 causal LMs sharing ``tokenizer``).
+
+    strategy, temperatures (per model, > 0) and weights (PoE betas, negative allowed, or fixed mixture
+    weights) are those of ``moc_kernels.fused_log_probs``. Greedy unless ``do_sample``; then q is
+    reshaped by ``sampling_temperature``, ``top_k`` and ``top_p`` (see :func:`restrict_support`) and
+    ``seed`` makes the draws reproducible. A row stops at EOS (``eos_token_id``, default the
+    tokenizer's), when its completion contains a ``stop`` string, or after ``max_new_tokens``.
+    ``prefix_token``: "bos", "eos" or "none" before every prompt (default: BOS if the tokenizer has
+    one, as in scoring). Returns one :class:`Generation` per prompt, in order.
+
+    Example::
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import kotara
+
+        tok = AutoTokenizer.from_pretrained("out/a/hf")
+        a, b = (AutoModelForCausalLM.from_pretrained(p).eval() for p in ("out/a/hf", "out/b/hf"))
+        out = kotara.generate([a, b], tok, ["def parse(", "The HTTP"], strategy="poe", weights=[1.5, -0.5],
+                              max_new_tokens=32)
+        print(out[0].completion, out[0].finish_reason)
+    """
+    sampling = Sampling(do_sample, sampling_temperature, top_k, top_p)
+    sampling.check()
+    if len(models) < 2:
+        raise ValueError(f"fusion needs at least 2 models, got {len(models)}")
+    if not prompts:
+        raise ValueError("no prompt to complete")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(not s for s in stop):
+        raise ValueError("a stop string must not be empty")
+    wrapped = [_Model.wrap(m, i) for i, m in enumerate(models)]
+    vocab_size = len(tokenizer)
+    rows = _encode_prompts(tokenizer, prompts, prefix_token)
+    _check_models(wrapped, rows, vocab_size, max_new_tokens)
+    # The op checks the fusion arguments; a one-row call makes a bad strategy or weight fail here, early.
+    probe = [torch.zeros(1, vocab_size, device=wrapped[0].device)] * len(wrapped)
+    moc_kernels.fused_log_probs(probe, strategy, temperatures, weights)
+
+    device = wrapped[0].device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    fusion = _Fusion(strategy, temperatures, weights, sampling, generator, device, vocab_size)
+    eos_ids = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+    eos_set = set() if eos_ids is None else ({eos_ids} if isinstance(eos_ids, int) else set(eos_ids))
+    text = _Text(tokenizer, eos_set, stop)
+    runner_types = [_PaddedRunner if handles_left_padding(m) else _GroupedRunner for m in wrapped]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with tqdm(total=len(rows), desc="kotara generate", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            runners = [kind(m) for kind, m in zip(runner_types, wrapped)]
+            _generate_batch(runners, rows[start : start + batch_size], fusion, text, max_new_tokens, pad_id, bar)
+    return [
+        Generation(r.prompt, text.completion(r), r.token_ids, r.weights, strategy, str(r.finish_reason)) for r in rows
+    ]
