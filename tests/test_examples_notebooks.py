@@ -27,7 +27,8 @@ EXPECTED = {
         [
             "per-token NLLs of all 7 strategies equal Kotara's",
             "fused mixture_entropy",  # a row of Kotara's table: every strategy was scored
-            "similarity a~b: top-1 agreement",
+            "top-1 agreement",  # the similarity report
+            "fused mixture_entropy      mean weight of a",  # a fused generation through kotara.generate
         ],
     ),
     "moc_quickstart.ipynb": (
