@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def _fusion_sentence(label: str, ev: dict[str, Any], primary: str, letters: dict
 # Markdown
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any], figure: bool = True) -> str:
     """RESULTS.md from ``results`` (the dictionary written to results.json)."""
     env, cfg = results["environment"], results["config"]
     c1, c2 = results["claim1"], results["claim2"]
@@ -357,16 +358,17 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`fusion.kotara` (`max_length`, `stride`, `batch_size`, `device`). Results go to `results_dir` "
         "(`experiments/gpu/` for that config), so the CPU results here are not overwritten."
     )
-    add("")
-    add("## Figure")
-    add("")
-    add(f"![validation curves, final PPL per arm and seed, Kotara gains]({RESULTS_PNG})")
-    add("")
-    add(
-        "Left: validation loss during training (mean over seeds; thin lines: each seed). Middle: final validation "
-        "PPL per arm, one dot per seed, bar = mean. Right: gain over the best single model on each held-out text "
-        "(nats/token, above 0 = better than both models alone)."
-    )
+    if figure:
+        add("")
+        add("## Figure")
+        add("")
+        add(f"![validation curves, final PPL per arm and seed, Kotara gains]({RESULTS_PNG})")
+        add("")
+        add(
+            "Left: validation loss during training (mean over seeds; thin lines: each seed). Middle: final validation "
+            "PPL per arm, one dot per seed, bar = mean. Right: gain over the best single model on each held-out text "
+            "(nats/token, above 0 = better than both models alone)."
+        )
     add("")
     return "\n".join(lines)
 
@@ -455,7 +457,11 @@ def write_report(results: dict[str, Any], results_dir: str | Path) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / RESULTS_JSON
     json_path.write_text(json.dumps(results, indent=1) + "\n")
-    png = render_png(results, out / RESULTS_PNG)
+    try:
+        png = render_png(results, out / RESULTS_PNG)
+    except ImportError:  # matplotlib is optional: the tables say everything the figure shows
+        png = None
+        print("experiments: matplotlib is not installed: no results.png (RESULTS.md has the tables)", file=sys.stderr)
     md = out / RESULTS_MD
-    md.write_text(render_markdown(results))
-    return [md, json_path, png]
+    md.write_text(render_markdown(results, figure=png is not None))
+    return [md, json_path] + ([png] if png is not None else [])

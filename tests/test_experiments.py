@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_smoke_reuse_reads_back_identical_runs(smoke, capsys):
     for label, ev in results["claim2"]["evaluations"].items():
         for s, v in ev["strategies"].items():
             assert second["claim2"]["evaluations"][label]["strategies"][s]["ppl"] == pytest.approx(v["ppl"]), (label, s)
+
+
+def test_report_without_matplotlib_writes_the_tables_and_says_so(smoke, tmp_path, monkeypatch, capsys):
+    from experiments.report import write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paths = write_report(smoke[1], tmp_path)
+    assert sorted(p.name for p in paths) == ["RESULTS.md", "results.json"]
+    assert not (tmp_path / "results.png").exists()
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert "results.png" not in markdown and "## Summary" in markdown
+    assert "matplotlib is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,22 @@ def test_wandb_goes_offline_without_an_api_key(tmp_path: Path, monkeypatch):
     assert _wandb_mode() == ("disabled", None)
 
 
+def test_runs_without_wandb_and_matplotlib(data_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """Both are optional: hidden (a None entry in sys.modules makes ``import`` fail), the run still
+    trains, checkpoints and logs metrics.jsonl, and says once what it skipped."""
+    for name in ("wandb", "matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = config_from_dict(tiny_raw(data_dir, tmp_path, max_steps=2, eval_interval=2, wandb_project="p"))
+    result = train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert result.steps == 2 and latest_checkpoint(tmp_path) is not None
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert out.count("wandb is not installed: W&B logging is off") == 1
+    assert out.count("matplotlib is not installed: no loss-curve PNG") == 1
+    assert not (tmp_path / "loss_curve.png").exists() and not (tmp_path / "wandb").exists()
+
+
 def test_checkpoint_atomic_and_pruned(tmp_path: Path):
     for step in (1, 2, 3, 4):
         atomic_save({"step": step}, tmp_path / "checkpoints" / f"step_{step:08d}.pt")
