@@ -7,6 +7,10 @@ similarity), ``generate`` (decoding from the fused model via ``moc_kernels.fused
 ``similarity``, ``report`` (console table, JSON), ``cli`` (``kotara`` / ``kotara.py``).
 """
 
+# moc_kernels first: see model/__init__.py (Triton's interpreter must be chosen before triton.language loads).
+import moc_kernels  # noqa: F401
+
+# isort: split
 from kotara.generate import Generation, generate
 from kotara.windows import Window, rolling_windows
 

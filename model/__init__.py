@@ -6,6 +6,11 @@ AutoModelForCausalLM, so exported directories load with ``AutoModelForCausalLM.f
 Build, train a step, export, load and generate: see the README's "The model" section.
 """
 
+# moc_kernels first: without CUDA it switches Triton to its interpreter, which must happen before anything
+# (transformers, here) imports triton.language; then `import model` in any order keeps kernels="triton" usable.
+import moc_kernels  # noqa: F401
+
+# isort: split
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from model.config import ModelConfig

@@ -4,12 +4,15 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import moc_kernels as mk
 from moc_kernels import backend
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_env_var_then_set_backend_then_context_manager(monkeypatch):
@@ -74,6 +77,43 @@ def test_triton_imported_first_without_interpreter_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert "RuntimeError: kernels backend 'triton' requested, but there is no CUDA GPU" in proc.stderr
+
+
+IMPORT_FIRST = {
+    # Each package imported first in a fresh process, before moc_kernels and with TRITON_INTERPRET unset:
+    # both import transformers (and so triton.language), which must not lock the interpreter out.
+    "model": (
+        "import model, torch\n"
+        "cfg = model.ModelConfig.from_dict({'d_model': 32, 'n_layers': 1, 'n_heads': 2, 'vocab_size': 64,\n"
+        "    'multiple_of': 16, 'n_experts': 4, 'top_k': 2, 'moc_heads': 2, 'kernels': 'triton'})\n"
+        "torch.manual_seed(0)\n"
+        "lm = model.LunarisLM(cfg)\n"
+        "ids = torch.randint(0, 64, (2, 9))\n"
+        "out = lm(ids[:, :-1], targets=ids[:, 1:])\n"
+        "lm.config.kernels = 'reference'\n"
+        "ref = lm(ids[:, :-1], targets=ids[:, 1:])\n"
+        "err = float((out.logits - ref.logits).norm() / ref.logits.norm())\n"
+        "assert err <= 1e-5 and abs(float(out.loss - ref.loss)) <= 1e-5, err\n"
+    ),
+    "kotara": (
+        "import kotara, torch, moc_kernels as mk\n"
+        "logits, targets = [torch.randn(6, 1031), torch.randn(6, 1031)], torch.randint(0, 1031, (6,))\n"
+        "with mk.use_backend('triton'):\n"
+        "    out = mk.fused_logit_nll(logits, targets, 'entropy').nll\n"
+        "with mk.use_backend('reference'):\n"
+        "    ref = mk.fused_logit_nll(logits, targets, 'entropy').nll\n"
+        "assert float((out - ref).norm() / ref.norm()) <= 1e-5\n"
+    ),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter matters only without CUDA")
+@pytest.mark.parametrize("package", sorted(IMPORT_FIRST))
+def test_kernels_run_whichever_package_is_imported_first(package):
+    code = "import sys\nassert 'triton.language' not in sys.modules\n" + IMPORT_FIRST[package] + "print('ok')\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOC_KERNELS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def _launch_sites(tree) -> list:
