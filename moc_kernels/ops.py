@@ -51,9 +51,10 @@ def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch
 
 
 def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Selected experts' outputs: y [N, E, D], idx [N, k] int64 (distinct per row) -> [N, k, D].
+    """Selected experts' outputs: y [N, E, D], idx [N, k] int64 in [0, E) -> [N, k, D].
 
-    The backward scatters the gradient back into dy (zeros for unselected experts).
+    The backward scatters the gradient back into dy (zeros for unselected experts; an index
+    repeated within a row receives the sum of its slots' gradients).
     """
     _require(y.dim() == 3, f"topk_gather: y must be [N, E, D], got shape {tuple(y.shape)}")
     _require(

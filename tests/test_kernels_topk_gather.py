@@ -50,6 +50,28 @@ def test_forward_and_backward_are_exact(nan_outputs, top_k, dtype):
     check_exact(y, random_indices(NUM_TOKENS, NUM_EXPERTS, top_k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_repeated_indices_sum_their_gradients(nan_outputs, dtype):
+    """A row may repeat an index (the public op allows it): the backward adds the slots' gradients,
+    as the reference's scatter-add does, and never reads or writes outside the token's rows."""
+    idx = torch.randint(0, NUM_EXPERTS, (NUM_TOKENS, 4))
+    idx[0] = 2  # all four slots on one expert
+    idx[1, :2] = idx[1, 2:] = torch.tensor([5, 0])
+    assert any(len(set(row.tolist())) < 4 for row in idx)
+    y = torch.randn(NUM_TOKENS, NUM_EXPERTS, DIM, dtype=dtype, requires_grad=True)
+    with mk.use_backend("triton"):
+        out = mk.topk_gather(y, idx)
+    ref = reference.topk_gather(y, idx)
+    assert torch.equal(out, ref)
+    grad_out = torch.randn(ref.shape, dtype=dtype)
+    (grad,) = torch.autograd.grad(out, y, grad_out)
+    expected = torch.zeros(y.shape, dtype=torch.float64)  # the sum, in fp64, independently of both
+    expected.scatter_add_(1, idx[..., None].expand(-1, -1, DIM), grad_out.double())
+    assert_rel_close(grad, expected, dtype, "dy with repeated indices")
+    assert_rel_close(grad[0, 2], grad_out[0].double().sum(0), dtype, "four slots on one expert")
+    assert (grad[0, [0, 1, 3, 4, 5]] == 0).all()
+
+
 def test_strided_inputs_and_wide_rows(nan_outputs):
     # y as a [N, E, D] view with a non-unit feature stride; D = 300 spans several feature tiles.
     storage = torch.randn(NUM_TOKENS, NUM_EXPERTS, 300, 2)
@@ -132,3 +154,15 @@ def test_indices_out_of_range_are_an_error(bad):
     for name in ("triton", "reference"):
         with mk.use_backend(name), pytest.raises(RuntimeError, match=r"idx outside \[0, E=6\)"):
             mk.topk_gather(y, idx)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the check is a device-side assert: it ends the context")
+def test_gather_matmul_refuses_repeated_indices():
+    """Its dY stores assume distinct indices (two rows storing into one dY row would race): refused."""
+    gather_matmul = backend.kernel_module("topk_gather").gather_matmul
+    y, w = torch.randn(4, NUM_EXPERTS, DIM), torch.randn(DIM, 8)
+    idx = torch.tensor([[0, 1, 2]] * 4)
+    gather_matmul(y, idx, w)  # distinct: fine
+    idx[3] = torch.tensor([4, 1, 4])
+    with pytest.raises(RuntimeError, match="gather_matmul: idx repeats an expert within a row"):
+        gather_matmul(y, idx, w)

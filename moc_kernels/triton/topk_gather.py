@@ -1,14 +1,16 @@
 """Triton ``topk_gather``: S[n, j] = y[n, idx[n, j]], and its backward without atomics.
 
-y: [N, E, D] (any strides), idx: [N, k] int64 distinct within a row -> S: [N, k, D] in y's dtype.
+y: [N, E, D] (any strides), idx: [N, k] int64 in [0, E) -> S: [N, k, D] in y's dtype.
 
 Forward: one program per tile of BLOCK_R output rows (a row is one (token, slot) pair) x BLOCK_D
 features; each row reads its index and copies y[n, idx[n, j], d-tile]. Pure data movement: exact.
 
-Backward: dY[n, e] = dS[n, j] if idx[n, j] == e, else 0. Because the k indices of a token are
-distinct, at most one slot j feeds each (n, e): each program owns a tile of *dY* rows (token,
-expert) and looks its slot up by comparing e against the token's k indices, so every dY element is
-written exactly once (zeros included) by one program. No atomics, no zero-fill pass, exact.
+Backward: dY[n, e] = sum of dS[n, j] over the slots j with idx[n, j] == e (0 when none). Each
+program owns a tile of *dY* rows (token, expert) and sums, over the token's k slots, the gradient
+rows whose index equals its expert, so every dY element is written exactly once (zeros included) by
+one program: no atomics, no zero-fill pass. The model's indices come from ``topk`` and never repeat
+(one slot matches at most, and the sum is an exact copy); repeated indices add up, as the
+reference's scatter-add does.
 
 Indices outside [0, E) are not read (the forward loads 0 there, the backward drops them): the
 kernels never touch memory out of bounds; ``torch.gather`` would raise instead.
@@ -35,8 +37,6 @@ CONFIGS: dict[str, dict[str, int]] = {
     "fwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
     "bwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
 }
-# (E, k) whose configs the report compiles: GPT-2-small MoC (E = 8, k = 2) and k = E.
-SHIPPED_SHAPES = ((8, 2), (8, 8))
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -108,33 +108,27 @@ def _topk_gather_bwd(
     stride_yd,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    K_PAD: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token = rows // E
     expert = rows % E
     row_valid = token < N
-    # The slot j with idx[n, j] == e, if any: compare e with the token's k indices ([BLOCK_R, K_PAD]).
-    slots = tl.arange(0, K_PAD)
-    indices = tl.load(
-        idx_ptr + token[:, None] * stride_in + slots[None, :] * stride_ik,
-        mask=row_valid[:, None] & (slots < K)[None, :],
-        other=-1,
-    )
-    # Distinct indices: at most one slot matches, so one sum finds it (slot + 1; 0 = not selected).
-    slot_plus_one = tl.sum(tl.where(indices == expert[:, None], slots[None, :] + 1, 0), axis=1)
-    selected = slot_plus_one > 0
-    slot = slot_plus_one - 1
     d_valid = d < D
-    grads = tl.load(
-        d_out_ptr + token[:, None] * stride_gn + slot[:, None] * stride_gk + d[None, :] * stride_gd,
-        mask=selected[:, None] & d_valid[None, :],
-        other=0.0,
-    )
+    # dY[n, e] = sum of dS[n, j] over the slots j with idx[n, j] == e: one pass over the k slots, each
+    # a load masked to the rows that chose e, so a repeated index adds its gradients (as the
+    # reference's scatter-add does) and an unselected expert gets 0, without atomics.
+    grads = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for j in range(K):
+        chosen = tl.load(idx_ptr + token * stride_in + j * stride_ik, mask=row_valid, other=-1) == expert
+        grads += tl.load(
+            d_out_ptr + token[:, None] * stride_gn + j * stride_gk + d[None, :] * stride_gd,
+            mask=chosen[:, None] & d_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
     tl.store(
         dy_ptr + token[:, None] * stride_yn + expert[:, None] * stride_ye + d[None, :] * stride_yd,
-        grads,
+        grads.to(dy_ptr.dtype.element_ty),
         mask=row_valid[:, None] & d_valid[None, :],
     )
 
@@ -203,8 +197,7 @@ def topk_gather_bwd(d_out: torch.Tensor, idx: torch.Tensor, num_experts: int) ->
             *dy.stride(),
             BLOCK_R=config["BLOCK_R"],
             BLOCK_D=block_d,
-            K_PAD=triton.next_power_of_2(max(top_k, 1)),
-            num_warps=config["num_warps"],
+                num_warps=config["num_warps"],
             num_stages=config["num_stages"],
         )
     return dy
@@ -232,24 +225,20 @@ topk_gather_fwd.register_autograd(_backward, setup_context=_setup_context)
 def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``S[n, j] = y[n, idx[n, j]]``.
 
-    y: [N, E, D] fp32|bf16|fp16, any strides; idx: [N, k] int64, distinct within a row, in [0, E).
+    y: [N, E, D] fp32|bf16|fp16, any strides; idx: [N, k] int64 in [0, E) (repeats allowed).
     Returns S: [N, k, D] in y's dtype (exact copy). Saves only idx for backward, which writes
-    dY [N, E, D] (the rows of dS at idx, zeros elsewhere) without atomics; exact.
+    dY [N, E, D] (the sum of the rows of dS at each index, zeros elsewhere) without atomics.
     """
     return topk_gather_fwd(y, idx)
 
 
 def compile_specs() -> list[KernelSpec]:
-    """One KernelSpec per kernel x dtype (bf16, fp32), the backward also per shipped k, from CONFIGS."""
+    """One KernelSpec per kernel x dtype (bf16, fp32), from CONFIGS."""
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
-        variants = [("fwd", _topk_gather_fwd, {}, "")]
-        variants += [
-            ("bwd", _topk_gather_bwd, {"K_PAD": triton.next_power_of_2(k)}, f"E{e}-k{k}-") for e, k in SHIPPED_SHAPES
-        ]
-        for direction, kernel, extra, shape_label in variants:
+        for direction, kernel in (("fwd", _topk_gather_fwd), ("bwd", _topk_gather_bwd)):
             config = CONFIGS[direction]
-            constexprs = {"BLOCK_R": config["BLOCK_R"], "BLOCK_D": config["BLOCK_D"], **extra}
+            constexprs = {"BLOCK_R": config["BLOCK_R"], "BLOCK_D": config["BLOCK_D"]}
             # Unit innermost strides as the launches of contiguous tensors see them (Triton specializes
             # integer arguments equal to 1 into constants, which makes the feature loads vector loads).
             constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
@@ -267,7 +256,7 @@ def compile_specs() -> list[KernelSpec]:
             specs.append(
                 KernelSpec(
                     kernel=kernel.__name__,
-                    config=f"{shape_label}BR{config['BLOCK_R']}-BD{config['BLOCK_D']}-w{warps}-{_TL_NAME[dtype]}",
+                    config=f"BR{config['BLOCK_R']}-BD{config['BLOCK_D']}-w{warps}-{_TL_NAME[dtype]}",
                     fn=kernel,
                     signature=signature,
                     constexprs=constexprs,
@@ -315,8 +304,9 @@ def compile_specs() -> list[KernelSpec]:
 # The [N, k, D] gather is never written: the A-tile loads read y's rows through idx.
 # Backward, with rows r = (n, j) and A_r = y[n, idx[n, j]]:
 #   dW = sum_r A_r^T dOut_r   (a GEMM whose reduction runs over the rows, A^T loaded through idx)
-#   dY[n, idx[n, j]] = dOut_r @ w^T, dY = 0 on unselected experts. Indices are distinct per token,
-#   so each dY row receives at most one product: plain stores into a zeroed dY, no atomics.
+#   dY[n, idx[n, j]] = dOut_r @ w^T, dY = 0 on unselected experts. With indices distinct per token
+#   each dY row receives at most one product: plain stores into a zeroed dY, no atomics. Summing
+#   repeats exactly would cost E times the work (or atomics), so gather_matmul refuses them.
 # ---------------------------------------------------------------------------------------------
 # Launch configurations of the three GEMMs (chosen by compiling, `python -m moc_kernels.report`):
 # the gathered operands need one 64-bit row pointer per element, so tiles are smaller than a plain
@@ -637,9 +627,13 @@ def gather_matmul(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.
     y: [N, E, D] fp32|bf16|fp16, idx: [N, k] int64 distinct per row, w: [D, F] (same dtype, any
     strides) -> [N, k, F] in y's dtype, fp32 accumulation. Saves y, idx, w for backward (no gathered
     copy); the backward writes dY without atomics and dW as one GEMM over the gathered rows.
+    A repeated index in a row is an error (a device-side assert on CUDA: no host sync).
     """
     if w.dim() != 2 or w.shape[0] != y.shape[2] or w.dtype != y.dtype:
         raise ValueError(
             f"gather_matmul: w must be [D={y.shape[2]}, F] of dtype {y.dtype}, got {tuple(w.shape)} {w.dtype}"
         )
+    if idx.shape[1] > 1:  # the backward's plain stores need distinct indices per row
+        distinct = (idx.sort(dim=1).values.diff(dim=1) != 0).all()
+        torch._assert_async(distinct, "gather_matmul: idx repeats an expert within a row; indices must be distinct")
     return gather_matmul_fwd(y, idx, w)
