@@ -173,7 +173,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
     g.add_argument(
         "--prompts_file",
-        help="prompts from a file: one per line, or with a .jsonl name one JSON string or {\"prompt\": ...} per line "
+        help='prompts from a file: one per line, or with a .jsonl name one JSON string or {"prompt": ...} per line '
         "(prompts with newlines)",
     )
     g.add_argument(
@@ -448,7 +448,7 @@ def read_prompts_file(path: str) -> list[str]:
             raise ValueError(f"prompts file {path!r} line {number}: not JSON ({err.msg})") from None
         prompt = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(prompt, str):
-            raise ValueError(f"prompts file {path!r} line {number}: expected a string or {{\"prompt\": string}}")
+            raise ValueError(f'prompts file {path!r} line {number}: expected a string or {{"prompt": string}}')
         prompts.append(prompt)
     if not prompts:
         raise ValueError(f"prompts file {path!r} has no prompts")

@@ -109,9 +109,7 @@ def _check_fusion_args(
         _require(lg.device == logits[0].device, f"{op}: all logits must be on one device")
         _require(lg.dtype in FLOAT_DTYPES, f"{op}: unsupported logits dtype {lg.dtype}")
     if targets is not None:
-        _require(
-            tuple(targets.shape) == shape[:1], f"{op}: targets must be [N={shape[0]}], got {tuple(targets.shape)}"
-        )
+        _require(tuple(targets.shape) == shape[:1], f"{op}: targets must be [N={shape[0]}], got {tuple(targets.shape)}")
     for strategy in strategies:
         _require(
             strategy in STRATEGIES, f"{op}: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
