@@ -239,12 +239,14 @@ def handles_left_padding(model: _Model) -> bool:
     tokens = torch.tensor([[1, 2], [0, 2]], device=model.device)
     mask = torch.tensor([[1, 1], [0, 1]], device=model.device)
     try:
-        padded = _PaddedRunner(model).prefill(tokens, mask)[1].double()
-        alone = _PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0].double()
+        padded = _PaddedRunner(model).prefill(tokens, mask)[1]
+        alone = _PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0]
     except (ValueError, RuntimeError, TypeError, NotImplementedError):
         return False
-    tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2  # fp32 vs half-precision rounding
-    return bool((padded - alone).norm() <= tolerance * alone.norm())
+    # Different shapes round differently: ~1e-6 relative in fp32, up to ~1e-2 through a deep bf16 model.
+    # A model that ignores the mask or the positions is off by far more (tens of percent).
+    tolerance = 1e-4 if padded.dtype == torch.float32 else 5e-2
+    return bool((padded.double() - alone.double()).norm() <= tolerance * alone.double().norm())
 
 
 # ------------------------------------------------------------------------------------------ rows
