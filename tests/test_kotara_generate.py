@@ -105,9 +105,10 @@ def workspace(tmp_path_factory):
     }
 
 
-def _load(workspace, *names):
+def _load(workspace, *names, device=None):
+    device = device or torch.device("cpu")
     return [
-        loading.load_model(str(workspace[n]), loading.model_label(i), torch.device("cpu"), torch.float32)
+        loading.load_model(str(workspace[n]), loading.model_label(i), device, torch.float32)
         for i, n in enumerate(names)
     ]
 
@@ -208,6 +209,21 @@ def test_finished_rows_leave_the_batch(workspace):
     expected = [3] + [sum(len(g.token_ids) > step for g in out) for step in range(1, len(rows_seen))]
     assert rows_seen == expected
     assert min(rows_seen) < 3 and out[1].finish_reason == "eos"
+
+
+@pytest.mark.triton
+def test_the_triton_fusion_decodes_what_the_reference_does(workspace):
+    """``--kernels triton`` (the interpreter here, CUDA on a GPU): same tokens, same weights."""
+    tokenizer = workspace["tokenizer"]
+    models = _load(workspace, "a", "llama", device=torch.get_default_device())
+    for strategy in ("entropy", "mixture_gap"):
+        with mk.use_backend("reference"):
+            expected = generate(models, tokenizer, PROMPTS[:2], strategy, max_new_tokens=4)
+        with mk.use_backend("triton"):
+            got = generate(models, tokenizer, PROMPTS[:2], strategy, max_new_tokens=4)
+        for g, e in zip(got, expected):
+            assert g.token_ids == e.token_ids, strategy
+            assert_rel_close(torch.tensor(g.weights), torch.tensor(e.weights), torch.float32, strategy)
 
 
 def test_sampling_is_reproducible_with_a_seed(workspace):
