@@ -43,7 +43,7 @@ def check_exact(y: torch.Tensor, idx: torch.Tensor) -> None:
     assert torch.equal(grad, ref_grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("top_k", [1, 3, NUM_EXPERTS], ids=["k1", "k3", "kE"])
 def test_forward_and_backward_are_exact(nan_outputs, top_k, dtype):
     y = torch.randn(NUM_TOKENS, NUM_EXPERTS, DIM, dtype=dtype)

@@ -1,9 +1,10 @@
-"""The model on the Triton kernels vs on the references: logits, losses and every gradient (fp32).
+"""The model on the Triton kernels vs on the references: logits, losses and every gradient (fp32, bf16 autocast).
 
 Turns itself on when the kernel modules exist (moc_kernels/triton/<op>.py); on CPU they run under
 Triton's interpreter.
 """
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 import moc_kernels
 from model import LunarisLM, ModelConfig
-from tests.conftest import rel_err
+from tests.conftest import TOLERANCE, rel_err
 
 MODEL_OPS = ("expert_swiglu", "small_attention", "topk_gather")
 KERNEL_DIR = Path(moc_kernels.__file__).parent / "triton"
@@ -26,15 +27,13 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(n_experts=4, top_k=2, n_kv_heads=None),
-        dict(n_experts=6, top_k=3, n_kv_heads=2, moc_heads=2),
-    ],
-    ids=["E4k2", "E6k3-gqa"],
-)
-def test_triton_path_matches_reference_path(overrides):
+CONFIGS = [dict(n_experts=4, top_k=2, n_kv_heads=None), dict(n_experts=6, top_k=3, n_kv_heads=2, moc_heads=2)]
+CONFIG_IDS = ["E4k2", "E6k3-gqa"]
+
+
+def _paths(overrides: dict, autocast: torch.dtype | None = None):
+    """(config, [LMOutput], [model]) of one step: the reference path, then the Triton path (same
+    weights and batch), then, under ``autocast``, the fp32 reference as the truth both are judged by."""
     base = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=61, multiple_of=16, max_seq_len=16)
     config = ModelConfig.from_dict({**base, **overrides, "kernels": "reference"})
     # On a GPU the kernels compile for real; keep fp32 matmuls exact there (no TF32) in the reference.
@@ -43,19 +42,31 @@ def test_triton_path_matches_reference_path(overrides):
     reference_lm = LunarisLM(config).to(device)
     triton_lm = copy.deepcopy(reference_lm)
     triton_lm.config = ModelConfig.from_dict({**config.to_dict(), "kernels": "triton"})
+    runs = [(reference_lm, autocast), (triton_lm, autocast)]
+    if autocast is not None:
+        runs.append((copy.deepcopy(reference_lm), None))
     ids = torch.randint(0, 61, (2, 7), device=device)
     targets = torch.randint(0, 61, (2, 7), device=device)
-
     outputs = []
-    for lm in (reference_lm, triton_lm):
-        out = lm(ids, targets)
+    for lm, dtype in runs:
+        with torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext():
+            out = lm(ids, targets)
         (out.loss + out.aux_loss).backward()
         outputs.append(out)
-    ref, tri = outputs
-    # Same routing decisions, otherwise the comparison below is meaningless.
-    for key in ref.stats:
+    # Same routing decisions, otherwise the comparisons are meaningless.
+    for key in outputs[0].stats:
         if key.endswith("expert_load"):
-            assert torch.equal(ref.stats[key], tri.stats[key]), key
+            assert torch.equal(outputs[0].stats[key], outputs[1].stats[key]), key
+    return config, outputs, [lm for lm, _ in runs]
+
+
+def _grads(lm: LunarisLM) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for _, p in sorted(lm.named_parameters())])
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=CONFIG_IDS)
+def test_triton_path_matches_reference_path(overrides):
+    _, (ref, tri), (reference_lm, triton_lm) = _paths(overrides)
     for name, a, b in (
         ("logits", tri.logits, ref.logits),
         ("loss", tri.loss, ref.loss),
@@ -66,3 +77,22 @@ def test_triton_path_matches_reference_path(overrides):
     for name, p in triton_lm.named_parameters():
         err = rel_err(p.grad, ref_params[name].grad)
         assert err <= MODEL_TOLERANCE, f"grad {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=CONFIG_IDS)
+def test_triton_path_under_bf16_autocast_is_as_accurate_as_the_reference(overrides):
+    """As the trainer runs on CUDA (fp32 weights, bf16 autocast). Both paths round in bf16, so each is
+    judged by its distance to the fp32 reference: the kernels' may be at most twice the reference
+    path's own, plus the fp32 agreement both must reach anyway (MODEL_TOLERANCE)."""
+    config, (ref, tri, truth), (reference_lm, triton_lm, truth_lm) = _paths(overrides, torch.bfloat16)
+    for name, kernel, reference, exact in (
+        ("logits", tri.logits, ref.logits, truth.logits),
+        ("loss", tri.loss, ref.loss, truth.loss),
+        ("every gradient", _grads(triton_lm), _grads(reference_lm), _grads(truth_lm)),
+    ):
+        bound = 2 * rel_err(reference, exact) + MODEL_TOLERANCE
+        assert rel_err(kernel, exact) <= bound, f"{name}: {rel_err(kernel, exact):.2e} > {bound:.2e}"
+    # aux = w (balance + diversity) per layer: terms near +1 and -1 that nearly cancel, so a relative
+    # error would measure the cancellation; judged against the size of its terms instead.
+    terms = config.aux_loss_weight * config.n_layers * (config.balance_coef + config.diversity_coef)
+    assert float((tri.aux_loss - ref.aux_loss).detach().abs()) / terms <= TOLERANCE[torch.bfloat16]
