@@ -18,11 +18,12 @@ process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -295,18 +296,31 @@ def _check_output_dir(path: str | None, flag: str) -> None:
             raise ValueError(f"{flag}: directory {out_dir!r} does not exist")
 
 
-def _init_distributed(devices: list[torch.device]) -> None:
-    """Join torchrun's process group for scoring (gloo on CPU, nccl on CUDA), once per process.
+@contextlib.contextmanager
+def _process_group(devices: list[torch.device]) -> Iterator[int]:
+    """torchrun's process group for scoring (gloo on CPU, nccl on CUDA) for the block; yields the rank.
 
     NCCL communicates on the *current* CUDA device, so each rank makes its own current first
     (``cuda`` resolves to cuda:LOCAL_RANK in ``loading.resolve_device``); otherwise every rank would
-    launch on GPU 0 with its tensors on another GPU.
+    launch on GPU 0 with its tensors on another GPU. The group is left on every rank: after a
+    barrier when the block ends normally (no rank tears down while another is still in it), at
+    once on an error; a process that exits with a live gloo group can abort at interpreter exit
+    (see ``model.training.process_group``, where that was measured).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        if devices[0].type == "cuda":
-            torch.cuda.set_device(devices[0])
-        torch.distributed.init_process_group(backend="nccl" if devices[0].type == "cuda" else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0
+        return
+    if torch.distributed.is_initialized():  # someone else's group: theirs to leave
+        yield torch.distributed.get_rank()
+        return
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])
+    torch.distributed.init_process_group(backend="nccl" if devices[0].type == "cuda" else "gloo")
+    try:
+        yield torch.distributed.get_rank()
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _resolve_models(args: argparse.Namespace) -> tuple[list[str], list[str], list[torch.device], list[torch.dtype]]:
@@ -376,10 +390,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    _init_distributed(devices)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    try:
+    with _process_group(devices) as rank:
         tokenizer, tokenizer_path = _load_tokenizer(args, paths)
         text = loading.tokenize_file(tokenizer, args.dataset_path, args.prefix_token, args.chunk_bytes)
         models = _load_models(args, paths, devices, dtypes, tokenizer, tokenizer_path)
@@ -419,9 +430,6 @@ def run(args: argparse.Namespace) -> int:
                 metrics = build_metrics(result, spec, args.strategy, paths, config, text.prefix, text.prefix_id)
                 write_json_atomic(args.save_metrics, metrics)
                 print(f"metrics saved to {args.save_metrics}")
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -198,9 +197,10 @@ def test_score_subcommand_is_the_flat_command_and_scores_contrastive_poe(workspa
     assert contrastive["fused_ppl"] != pytest.approx(results["flat"]["fused_ppl"], rel=1e-3)
 
 
-def test_torchrun_rank_selects_its_gpu_before_nccl_init(monkeypatch):
+def test_torchrun_rank_selects_its_gpu_before_nccl_init_and_leaves_the_group(monkeypatch):
     """Under torchrun with CUDA devices, each rank makes cuda:LOCAL_RANK current before the process
-    group exists (NCCL communicates on the current device)."""
+    group exists (NCCL communicates on the current device), and every rank leaves the group: after
+    a barrier when scoring ends, at once when it raises."""
     from kotara import cli
 
     calls = []
@@ -208,24 +208,25 @@ def test_torchrun_rank_selects_its_gpu_before_nccl_init(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
-    cli._init_distributed([torch.device("cuda", 1), torch.device("cuda", 1)])
-    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append(("barrier",)))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append(("destroy",)))
+    with cli._process_group([torch.device("cuda", 1), torch.device("cuda", 1)]) as rank:
+        assert rank == 1 and calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+    assert calls[2:] == [("barrier",), ("destroy",)]
     calls.clear()
-    cli._init_distributed([torch.device("cpu")])
-    assert calls == [("init", "gloo")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with pytest.raises(ValueError), cli._process_group([torch.device("cpu")]):
+        raise ValueError("a rank fails: no barrier (the other rank may never reach it)")
+    assert calls == [("init", "gloo"), ("destroy",)]
 
 
 def _rank_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
-    """One process of a 2-process run, with the environment torchrun would give it."""
+    """One process of a 2-process run, with the environment torchrun gives its workers: the store is
+    the launcher's (here the test's), which the ranks join as clients."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+    )  # fmt: skip
     code = main(argv)
     if code:
         raise SystemExit(code)
@@ -245,8 +246,10 @@ def test_two_gloo_processes_equal_one_process(workspace, tmp_path, capsys, monke
     code, _, _ = _run_main([*common, "--kernels", "reference", "--save_metrics", str(single)], capsys)
     assert code == 0
     argv = [*common, "--batch_size", "2", "--save_metrics", str(double)]
+    # The store listens on a port the OS picked (no free-port guess another process could take first).
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     torch.multiprocessing.start_processes(
-        _rank_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="fork"
+        _rank_worker, args=(2, store.port, argv), nprocs=2, join=True, start_method="fork"
     )
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
