@@ -1,7 +1,10 @@
-"""Fixtures of the benchmark suites: the device (CUDA when present) and its benchmark shape."""
+"""Fixtures of the benchmark suites: the device (CUDA when present), its benchmark shape, and with
+``BENCH_STREAM=FILE`` one JSON line per case appended to FILE as soon as the case ends (what the GPU
+protocol reads: a run stopped at its time limit keeps every case it finished)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from benchmarks.shapes import BenchShape, shape_for
 
 CPU_THREADS_ENV = "BENCH_CPU_THREADS"
+STREAM_ENV = "BENCH_STREAM"
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +46,29 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         threads = os.environ.get(CPU_THREADS_ENV, "1")
         where = f"CPU only ({cpu_model_name()}, {threads} torch threads): Triton cases are skipped"
     return [f"benchmarks on {where}; shape {shape_for(torch.device('cuda' if cuda else 'cpu')).describe()}"]
+
+
+def _stream(record: dict) -> None:
+    path = os.environ.get(STREAM_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _stream_result(request: pytest.FixtureRequest):
+    """After each timed case: its extra_info and median, in pytest-benchmark's JSON layout."""
+    yield
+    bench = request.node.funcargs.get("benchmark")
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    if stats is not None:
+        _stream({"name": request.node.nodeid, "extra_info": dict(bench.extra_info), "stats": {"median": stats.median}})
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Skipped and failed cases too, with their reason, so the summary can say what did not run."""
+    if report.skipped and report.when == "setup" or report.skipped and report.when == "call":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _stream({"name": report.nodeid, "skipped": reason.removeprefix("Skipped: ")})
+    elif report.failed:
+        _stream({"name": report.nodeid, "failed": report.when, "error": str(report.longrepr).splitlines()[-1][:300]})

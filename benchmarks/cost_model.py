@@ -142,6 +142,29 @@ def kernel_costs(op: str, shape: BenchShape, length: int | None = None, strategi
     raise ValueError(f"unknown op {op!r}; expected expert_swiglu, topk_gather, small_attention or fused_logit_nll")
 
 
+def useful_work(op: str, pass_: str, shape: BenchShape) -> tuple[float, float] | None:
+    """(FLOPs, fewest HBM bytes) of the kernel design for a benchmark row (its ``op`` and ``pass_``),
+    or None for rows the model does not cover (training step, Kotara end to end). A measured time
+    turns them into achieved TFLOP/s and GB/s, the work any implementation of the op must do."""
+    if op.startswith("small_attention[") and pass_ in ("fwd", "fwd+bwd"):
+        length = int(op.split("L=")[1].rstrip("]"))
+        return kernel_costs("small_attention", shape, length=length)[pass_]
+    if op in ("expert_swiglu", "topk_gather") and pass_ in ("fwd", "fwd+bwd"):
+        return kernel_costs(op, shape)[pass_]
+    if op in ("fused_logit_nll[one]", "fused_logit_nll[all]"):
+        strategies = len(moc_kernels.STRATEGIES) if op.endswith("[all]") else 1
+        return kernel_costs("fused_logit_nll", shape, strategies=strategies)["fwd"]
+    if op == "fusion_vs_log_softmax":  # benchmarks/test_bench_fusion_bounds.py: pass_ is the strategy
+        if pass_ == "log_softmax":  # read every logit, write its fp32 log-probability
+            return 0.0, shape.models * shape.tokens * shape.vocab * (torch.finfo(shape.dtype).bits // 8 + FP32)
+        strategies = len(moc_kernels.STRATEGIES) if pass_ == "all" else 1
+        return kernel_costs("fused_logit_nll", shape, strategies=strategies)["fwd"]
+    if op == "moc_layer" and pass_ == "fwd+bwd":
+        row = layer_row(shape)
+        return row.kernel_flops, row.kernel_bytes
+    return None
+
+
 def measure_reference(fn, *args, grads: tuple | None = None) -> tuple[float, float]:
     """(matrix-product FLOPs, non-view aten bytes) of ``fn(*args)`` and, with ``grads``, its backward."""
     counter, flops = ByteCounter(), FlopCounterMode(display=False)

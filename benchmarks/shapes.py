@@ -48,6 +48,16 @@ class BenchShape:
             f"V={self.vocab} M={self.models} {dtype}"
         )
 
+    @classmethod
+    def parse(cls, text: str) -> BenchShape | None:
+        """The shape ``describe()`` wrote (as a benchmark's ``extra_info["shape"]``), else None."""
+        fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+        dtype = getattr(torch, text.split()[-1], None) if text.split() else None
+        keys = ("N", "D", "E", "F", "H", "k", "V", "M")
+        if not all(k in fields and fields[k].isdigit() for k in keys) or not isinstance(dtype, torch.dtype):
+            return None
+        return cls("parsed", *(int(fields[k]) for k in keys), dtype)
+
 
 GPT2_SMALL = BenchShape("gpt2-small-moc", 16384, 768, 8, expert_hidden(768), 12, 2, 50257, 2, torch.bfloat16)
 CPU_SCALED = BenchShape("cpu-scaled", 128, 64, 8, expert_hidden(64), 2, 2, 2048, 2, torch.float32)

@@ -3,13 +3,17 @@
     pytest benchmarks/ --benchmark-only --benchmark-json RESULTS.json
     python -m benchmarks.summary RESULTS.json [--out DIR] [--no-report] [--no-cost-model]
                                              [--activation-memory ACTIVATION.json]
-                                             [--report-json REPORT.json]
+                                             [--report-json REPORT.json] [--check]
 
-Writes ``DIR/summary.md`` (default: next to RESULTS.json) and ``DIR/benchmarks.png``, and prints the
-markdown. Sections: timings (median per implementation, tokens/s, the time ratios triton/reference,
-triton/compile and reference/loop: below 1 means the first is faster), the compile report
-(``python -m moc_kernels.report --json`` in a subprocess), the cost model
-(labelled as a model), and the activation-memory result when given.
+Writes ``DIR/summary.md`` (default: next to RESULTS.json) and ``DIR/benchmarks.png`` (when matplotlib
+is installed), and prints the markdown. Sections: timings (median per implementation, tokens/s, the
+time ratios triton/reference, triton/compile and reference/loop: below 1 means the first is
+faster), the speed bounds (``BOUNDS``), the compile report (``python -m moc_kernels.report --json``
+in a subprocess), the cost model (labelled as a model), and the activation-memory result when given.
+RESULTS may also be the JSON-lines file a run writes case by case with ``BENCH_STREAM=FILE``.
+
+``--check`` exits 1 when a measured ratio misses its bound in ``BOUNDS``: speed bounds live here,
+checked on a benchmark run, never asserted by CI's tests.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-IMPL_ORDER = ("reference", "compile", "triton", "loop")
+IMPL_ORDER = ("reference", "compile", "triton", "loop", "torch")
+# Speed bounds, as ratios of medians: the fusion reference against log_softmax of both models' logits
+# (benchmarks/test_bench_fusion_bounds.py), one strategy and all seven from one pass.
+FUSION_OP, FUSION_BASELINE = "fusion_vs_log_softmax", "log_softmax"
+BOUNDS = {"single strategy": 2.0, "all strategies": 3.0}
 
 
 class SummaryError(ValueError):
@@ -30,11 +38,15 @@ class SummaryError(ValueError):
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """The pytest-benchmark JSON at ``path`` (raises SummaryError with a one-line reason)."""
+    """The pytest-benchmark JSON at ``path``, or the ``BENCH_STREAM`` JSON lines of a run in the same
+    layout (raises SummaryError with a one-line reason)."""
     path = Path(path)
     if not path.is_file():
         raise SummaryError(f"results file not found: {str(path)!r} (write one with --benchmark-json)")
     try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return {"benchmarks": [r for r in records if "extra_info" in r and "stats" in r]}
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SummaryError(f"{str(path)!r} is not JSON: {err}") from None
@@ -70,14 +82,34 @@ def _ratio(medians: dict[str, float], a: str, b: str) -> str:
     return "-"
 
 
-def timings_table(rows: list[dict[str, Any]]) -> str:
+def _ceiling_fraction(row: dict[str, Any], median_ms: float, ceilings: dict[str, float]) -> str:
+    """`` (41%)``: the row's useful work (cost model) at ``median_ms`` as a fraction of the measured
+    ceiling that bounds it (FLOPs or bytes, whichever takes longer at the ceilings); '' if unknown."""
+    from benchmarks.cost_model import useful_work
+    from benchmarks.shapes import BenchShape
+
+    shape = BenchShape.parse(row.get("shape", ""))
+    work = useful_work(row["op"], row["pass"], shape) if shape is not None else None
+    if work is None or median_ms <= 0:
+        return ""
+    flops, num_bytes = work
+    compute_s, memory_s = flops / ceilings["flops_per_s"], num_bytes / ceilings["bytes_per_s"]
+    return f" ({max(compute_s, memory_s) / (median_ms / 1e3):.0%})"
+
+
+def timings_table(rows: list[dict[str, Any]], ceilings: dict[str, float] | None = None) -> str:
+    """One row per (op, pass); with ``ceilings`` ({"flops_per_s", "bytes_per_s"}, measured) each time
+    also shows the fraction of the roofline those ceilings allow for the op's useful work."""
     impls = [i for i in IMPL_ORDER if any(i in r["medians"] for r in rows)]
     head = ["op", "pass", *[f"{i} ms" for i in impls], "best tokens/s", "triton/reference", "triton/compile"]
     head.append("reference/loop")
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         med = r["medians"]
-        cells = [r["op"], r["pass"], *[f"{med[i]:.3f}" if i in med else "-" for i in impls]]
+        cells = [r["op"], r["pass"]]
+        for impl in impls:
+            fraction = _ceiling_fraction(r, med[impl], ceilings) if ceilings and impl in med else ""
+            cells.append(f"{med[impl]:.3f}{fraction}" if impl in med else "-")
         best = min(med.values())
         cells.append(f"{r['tokens'] / (best / 1e3):,.0f}" if r.get("tokens") else "-")
         cells += [
@@ -89,15 +121,34 @@ def timings_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Grouped horizontal bars of the medians (log scale), one group per (op, pass)."""
-    import matplotlib
+def check_bounds(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(a line per bound checked, the lines of those missed): each fusion case's reference median over
+    the log_softmax baseline's, against ``BOUNDS``. No fusion cases: nothing to check."""
+    fusion = {r["pass"]: r["medians"] for r in rows if r["op"] == FUSION_OP}
+    baseline = fusion.get(FUSION_BASELINE, {}).get("torch")
+    lines, missed = [], []
+    for case, medians in fusion.items():
+        if case == FUSION_BASELINE or baseline is None or "reference" not in medians:
+            continue
+        kind = "all strategies" if case == "all" else "single strategy"
+        ratio = medians["reference"] / baseline
+        line = f"{FUSION_OP}[{case}] reference / log_softmax = {ratio:.2f}x (bound {BOUNDS[kind]:.1f}x, {kind})"
+        lines.append(("ok     " if ratio <= BOUNDS[kind] else "MISSED ") + line)
+        if ratio > BOUNDS[kind]:
+            missed.append(line)
+    return lines, missed
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Grouped horizontal bars of the medians (log scale), one group per (op, pass); None without
+    matplotlib (optional: the table holds the same numbers)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
     impls = [i for i in IMPL_ORDER if any(i in r["medians"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) * max(len(impls), 1) / 2 + 1.5))
+    fig = Figure(figsize=(9, 0.45 * len(rows) * max(len(impls), 1) / 2 + 1.5))
+    ax = fig.subplots()
     height = 0.8 / max(len(impls), 1)
     for j, impl in enumerate(impls):
         ys = [i + j * height for i, r in enumerate(rows) if impl in r["medians"]]
@@ -112,7 +163,6 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -190,8 +240,11 @@ def build(
         "",
         timings_table(rows),
         "",
-        f"![benchmarks]({png.name})",
+        f"![benchmarks]({png.name})" if png else "(no chart: matplotlib is not installed)",
     ]
+    bound_lines, _ = check_bounds(rows)
+    if bound_lines:
+        parts += ["", "## Speed bounds (`--check`)", "", "```", *bound_lines, "```"]
     if report:
         parts += ["", "## Compile report (sm_80 / sm_90, offline)", "", compile_report_table(report_json)]
     if cost_model:
@@ -213,12 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         "--activation-memory", default=None, help="JSON of `python -m benchmarks.activation_memory --json`"
     )
     parser.add_argument("--report-json", default=None, help="saved `python -m moc_kernels.report --json` output")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a speed bound (BOUNDS) is missed")
     args = parser.parse_args(argv)
     try:
         markdown = build(
             args.results, args.out, not args.no_report, not args.no_cost_model, args.activation_memory, args.report_json
         )
         print(markdown)
+        if args.check:
+            lines, missed = check_bounds(collect(load_results(args.results))[0])
+            if not lines:
+                raise SummaryError("--check: no fusion_vs_log_softmax cases with their log_softmax baseline")
+            for line in missed:
+                print(f"bound missed: {line}", file=sys.stderr)
+            return 1 if missed else 0
     except SummaryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """benchmarks/summary.py on a synthetic pytest-benchmark JSON: table, ratios, chart, user errors."""
 
 import json
+import sys
 
 import pytest
 
@@ -58,3 +59,57 @@ def test_bad_results_exit_2_with_one_line(tmp_path, capsys, content):
     assert summary.main([str(path), "--no-report", "--no-cost-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def _fusion_results(tmp_path, single_ms: float, all_ms: float, suffix: str = ".json"):
+    shape = "N=512 D=64 E=8 F=192 H=2 k=2 V=50257 M=2 float32"
+    cases = [("log_softmax", "torch", 10.0), ("entropy", "reference", single_ms), ("all", "reference", all_ms)]
+    records = []
+    for case, impl, ms in cases:
+        bench = _bench(summary.FUSION_OP, impl, ms, pass_=case, tokens=512)
+        bench["extra_info"]["shape"] = shape
+        records.append(bench)
+    path = tmp_path / f"fusion{suffix}"
+    if suffix == ".jsonl":  # what BENCH_STREAM writes, a skipped case among them
+        lines = [json.dumps(r) for r in records] + [json.dumps({"name": "x", "skipped": "CUDA only"})]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.write_text(json.dumps({"benchmarks": records}))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_check_passes_within_the_bounds(tmp_path, capsys, suffix):
+    path = _fusion_results(tmp_path, single_ms=19.9, all_ms=29.9, suffix=suffix)  # 1.99x and 2.99x
+    assert summary.main([str(path), "--no-report", "--no-cost-model", "--check"]) == 0
+    assert "ok     fusion_vs_log_softmax[all] reference / log_softmax = 2.99x" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("single_ms", "all_ms", "missed"), [(20.1, 25.0, "entropy"), (15.0, 30.1, "all")])
+def test_check_fails_when_a_bound_is_missed(tmp_path, capsys, single_ms, all_ms, missed):
+    path = _fusion_results(tmp_path, single_ms, all_ms)
+    assert summary.main([str(path), "--no-report", "--no-cost-model", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("bound missed") == 1 and f"[{missed}]" in err
+
+
+def test_check_without_fusion_cases_is_a_user_error(results, capsys):
+    assert summary.main([str(results), "--no-report", "--no-cost-model", "--check"]) == 2
+    assert "no fusion_vs_log_softmax cases" in capsys.readouterr().err
+
+
+def test_ceiling_fractions_from_the_cost_model(tmp_path):
+    """The baseline reads 2 x 512 x 50257 fp32 logits and writes fp32: 411.7 MB; at 10 ms that is
+    41.2 GB/s, 41% of a 100 GB/s ceiling (the FLOP ceiling does not bind: no FLOPs)."""
+    rows, _ = summary.collect(summary.load_results(_fusion_results(tmp_path, 15.0, 25.0)))
+    table = summary.timings_table(rows, {"flops_per_s": 1e12, "bytes_per_s": 100e9})
+    baseline = next(line for line in table.splitlines() if "| log_softmax |" in line)
+    assert "10.000 (41%)" in baseline
+
+
+def test_no_chart_without_matplotlib(results, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    markdown = summary.build(results, tmp_path / "out", report=False, cost_model=False)
+    assert "no chart: matplotlib is not installed" in markdown
+    assert not (tmp_path / "out" / "benchmarks.png").exists()
