@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -72,6 +73,14 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 KERNEL_OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll")
 
 
+def _version(package: str) -> tuple[int, ...]:
+    """(major, minor) of an installed package, (0,) when unknown."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version(package).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
 def _interpreter_problem() -> str | None:
     """Switch Triton to its interpreter where there is no GPU; say why kernels cannot run, if so."""
     if not TRITON_INSTALLED:
@@ -84,6 +93,13 @@ def _interpreter_problem() -> str | None:
         return (
             "there is no CUDA GPU and Triton's interpreter is off (TRITON_INTERPRET is not 1, or "
             "triton was imported before moc_kernels); set TRITON_INTERPRET=1 before starting Python"
+        )
+    # Before 3.9 the interpreter turns 1-element arrays into indices with int(), which NumPy 2 refuses
+    # ("only 0-dimensional arrays can be converted to Python scalars"); compiled kernels are unaffected.
+    if _version("triton") < (3, 9) and _version("numpy") >= (2,):
+        return (
+            f"Triton {importlib.metadata.version('triton')}'s interpreter fails under NumPy "
+            f"{importlib.metadata.version('numpy')}; on a CPU use triton >= 3.9 (or numpy < 2)"
         )
     return None
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moc_kernels  # noqa: F401  first: on a machine without CUDA it switches Triton to its interpreter
+from moc_kernels import backend
 
 # ||out - ref|| / ||ref|| computed in fp64. One table for every kernel test.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -19,6 +20,18 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``triton`` skip, with the reason, where the kernels cannot run (no triton, or an
+    interpreter that cannot run them on this CPU); on a GPU they always run."""
+    problem = backend.triton_problem()
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=f"Triton kernels cannot run here: {problem}")
+    for item in items:
+        if item.get_closest_marker("triton"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

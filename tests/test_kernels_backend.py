@@ -40,6 +40,7 @@ def test_bad_names_are_rejected(monkeypatch):
         mk.get_backend()
 
 
+@pytest.mark.triton  # asks for the triton backend on this machine
 def test_auto_resolves_to_reference_on_cpu_and_triton_is_honoured():
     with mk.use_backend("auto"):
         assert backend.resolve(torch.device("cpu")) == "reference"
@@ -107,6 +108,7 @@ IMPORT_FIRST = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter matters only without CUDA")
 @pytest.mark.parametrize("package", sorted(IMPORT_FIRST))
 def test_kernels_run_whichever_package_is_imported_first(package):
