@@ -140,15 +140,23 @@ def check_bounds(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Grouped horizontal bars of the medians (log scale), one group per (op, pass); None without
-    matplotlib (optional: the table holds the same numbers)."""
+    """The medians as a PNG (``draw_timings``); None without matplotlib (optional: the table holds
+    the same numbers)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return None
     impls = [i for i in IMPL_ORDER if any(i in r["medians"] for r in rows)]
     fig = Figure(figsize=(9, 0.45 * len(rows) * max(len(impls), 1) / 2 + 1.5))
-    ax = fig.subplots()
+    draw_timings(fig.subplots(), rows, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def draw_timings(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
+    """Grouped horizontal bars of the medians (log scale) on ``ax``, one group per (op, pass)."""
+    impls = [i for i in IMPL_ORDER if any(i in r["medians"] for r in rows)]
     height = 0.8 / max(len(impls), 1)
     for j, impl in enumerate(impls):
         ys = [i + j * height for i, r in enumerate(rows) if impl in r["medians"]]
@@ -161,9 +169,6 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     ax.set_xlabel("median time per call (ms, log scale)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def compile_report_rows(report_json: str | Path | None = None) -> list[dict[str, Any]] | str:
