@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# "torch": plain PyTorch / transformers with no moc_kernels op (log_softmax, a model's own generate).
 IMPL_ORDER = ("reference", "compile", "triton", "loop", "torch")
 # Speed bounds, as ratios of medians: the fusion reference against log_softmax of both models' logits
 # (benchmarks/test_bench_fusion_bounds.py), one strategy and all seven from one pass.

@@ -109,7 +109,7 @@ def test_kotara_generate_separate(benchmark, device, setup):
     tokens = sizes["batch"] * sizes["new_tokens"]
     with torch.no_grad():
         measure(
-            benchmark, run, [()], device, tokens, op="kotara_generate_separate", impl="hf_generate", pass_="decode",
+            benchmark, run, [()], device, tokens, op="kotara_generate_separate", impl="torch", pass_="decode",
             shape=_describe(device),
         )  # fmt: skip
     assert all(out.shape[1] == input_ids.shape[1] + sizes["new_tokens"] for out in run())
