@@ -69,6 +69,8 @@ def collect(data: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]
         row = rows.setdefault(key, {"op": key[0], "pass": key[1], "shape": info.get("shape", ""), "medians": {}})
         row["medians"][info["impl"]] = median_ms
         row["tokens"] = info.get("tokens")
+        if "work_flops" in info:  # a case that states its own useful work (no cost-model row)
+            row["work"] = (info["work_flops"], info.get("work_bytes", 0.0))
         if info["impl"] == "triton" or "peak_memory_bytes" in info:
             row.setdefault("peak_memory_bytes", {})[info["impl"]] = info.get("peak_memory_bytes")
         for field in ("gpu", "cpu", "torch_threads", "torch", "timer"):
@@ -84,13 +86,14 @@ def _ratio(medians: dict[str, float], a: str, b: str) -> str:
 
 
 def _ceiling_fraction(row: dict[str, Any], median_ms: float, ceilings: dict[str, float]) -> str:
-    """`` (41%)``: the row's useful work (cost model) at ``median_ms`` as a fraction of the measured
-    ceiling that bounds it (FLOPs or bytes, whichever takes longer at the ceilings); '' if unknown."""
+    """`` (41%)``: the row's useful work (cost model, or the case's own ``work_flops``/``work_bytes``) at
+    ``median_ms`` as a fraction of the measured ceiling that bounds it (FLOPs or bytes, whichever
+    takes longer at the ceilings); '' if unknown."""
     from benchmarks.cost_model import useful_work
     from benchmarks.shapes import BenchShape
 
     shape = BenchShape.parse(row.get("shape", ""))
-    work = useful_work(row["op"], row["pass"], shape) if shape is not None else None
+    work = row.get("work") or (useful_work(row["op"], row["pass"], shape) if shape is not None else None)
     if work is None or median_ms <= 0:
         return ""
     flops, num_bytes = work

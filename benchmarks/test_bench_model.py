@@ -128,9 +128,15 @@ def test_training_step(benchmark, device, shape, impl, monkeypatch):
     for _ in range(2):
         ids = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
         sets.append((ids[:, :-1], ids[:, 1:]))
+    from model.info import flops_per_token
+
+    # Useful work for the summary's fraction of the compute ceiling: forward matmul FLOPs x 3 (the
+    # backward's two products per forward one), from model.info's count.
+    flops = 3 * flops_per_token(config, seq)["total"] * batch * seq
     measure(
         benchmark, step, sets, device, batch * seq, op="training_step", impl=impl, pass_="step",
         shape=f"LunarisLM d={config.d_model} L={config.n_layers} E={config.n_experts} B={batch} T={seq}",
+        work_flops=flops,
     )  # fmt: skip
     benchmark.group = "training_step"
 

@@ -113,3 +113,14 @@ def test_no_chart_without_matplotlib(results, tmp_path, monkeypatch):
     markdown = summary.build(results, tmp_path / "out", report=False, cost_model=False)
     assert "no chart: matplotlib is not installed" in markdown
     assert not (tmp_path / "out" / "benchmarks.png").exists()
+
+
+def test_a_case_may_state_its_own_work():
+    """A training step states its FLOPs (no cost-model row): 2e12 FLOPs in 40 ms at a 1e14 FLOP/s
+    ceiling is 50%; a row with neither gets no fraction."""
+    step = _bench("training_step", "reference", 40.0, pass_="step")
+    step["extra_info"]["work_flops"] = 2e12
+    rows, _ = summary.collect({"benchmarks": [step, _bench("kotara_evaluation", "reference", 5.0)]})
+    table = summary.timings_table(rows, {"flops_per_s": 1e14, "bytes_per_s": 1e12})
+    assert "| training_step | step | 40.000 (50%) |" in table
+    assert "| kotara_evaluation | fwd | 5.000 |" in table
