@@ -28,12 +28,13 @@ import torch
 
 from moc_kernels import backend
 
-# The model and run per size. gpu: about a minute on one H100/H200 with the kernels (8 MoC layers of
-# 8 experts at d 512, 16 x 512 tokens per step); cpu / smoke: tiny, as the interpreter is slow.
+# The model and run per size. gpu: under a minute on one H100/H200 with the kernels (8 MoC layers of
+# 8 experts at d 512, 16 x 512 tokens per step, 40 steps) plus the corpus preparation and the
+# kernels' first compilation at these shapes; cpu / smoke: tiny, as the interpreter is slow.
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": {
         "model": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=512, n_experts=8, top_k=2, multiple_of=64),
-        "run": dict(batch_size=16, max_steps=60, warmup_steps=10, eval_interval=30, eval_batches=8),
+        "run": dict(batch_size=16, max_steps=40, warmup_steps=8, eval_interval=20, eval_batches=4),
         "compare_steps": 5,
     },
     "cpu": {
