@@ -62,14 +62,33 @@ def test_bad_usage_exits_2_with_one_line(tmp_path):
 
 
 def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path, monkeypatch):
+    """The step's process (and its children: the whole group) is gone when run_step returns."""
     ctx = protocol.Context(size="smoke", work=tmp_path, out=tmp_path, cuda=False)
     step = protocol.Step("slow", "sleeps", {"smoke": protocol.MIN_STEP_S + 1})
-    monkeypatch.setattr(protocol, "command", lambda s, c: [sys.executable, "-c", "import time; time.sleep(120)"])
-    start = time.monotonic()
+    pids = tmp_path / "pids"
+    code = (  # a parent and a child, both sleeping far past the limit
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(protocol, "command", lambda s, c: [sys.executable, "-c", code])
     record = protocol.run_step(step, ctx, deadline=time.monotonic() + 600)
     assert record["status"] == "timeout" and record["exit_code"] is None
-    assert time.monotonic() - start < 60  # stopped, not waited for
+    for pid in map(int, pids.read_text().split()):
+        assert not _running(pid), f"process {pid} outlived its step"
     spent = protocol.run_step(step, ctx, deadline=time.monotonic() + 1)
     assert spent["status"] == "not run" and "budget" in spent["reason"]
     needs = protocol.run_step(protocol.Step("gpu", "x", {"smoke": 10}, needs_cuda=True), ctx, time.monotonic() + 600)
     assert needs["status"] == "skipped" and needs["reason"].startswith("needs CUDA")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a killed process its new parent has not reaped yet (a zombie,
+    state 'Z' in /proc) still answers kill(pid, 0) but runs no more."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
