@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import types
@@ -299,24 +298,10 @@ def test_greedy_generation_matches_the_original(converted):
 def test_converted_export_runs_with_trust_remote_code_alone(converted, tmp_path):
     """The export's own modeling code (biases, eps, the FFN rule) in a process without this project."""
     _, _, original, out = converted
-    from test_model_hf import FRESH_SCRIPT
+    from test_model_hf import run_in_fresh_process
 
     ids = torch.randint(0, VOCAB, (2, 10))
-    torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "fresh.py").write_text(FRESH_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(out / "hf"), str(tmp_path / "ids.pt"), str(tmp_path / "r.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    res = torch.load(tmp_path / "r.pt")
-    assert res["leaked"] == [] and "transformers_modules" in res["module"]
+    res = run_in_fresh_process(out / "hf", ids, tmp_path)
     with torch.no_grad():
         assert rel_err(res["logits"], original(ids)) <= 1e-5
     assert torch.equal(res["cached"], original_greedy(original, ids[:, :4], 6))

@@ -162,15 +162,15 @@ FRESH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_in_a_fresh_process(exported, tmp_path):
-    lm, out = exported
-    ids = torch.randint(0, VOCAB, (2, 10))
+def run_in_fresh_process(hf_dir, ids: torch.Tensor, tmp_path) -> dict:
+    """FRESH_SCRIPT on ``hf_dir`` and ``ids`` in a process that cannot import this project; its results,
+    after checking that the model came from the export's own code and nothing of ours leaked in."""
     torch.save(ids, tmp_path / "ids.pt")
     (tmp_path / "fresh.py").write_text(FRESH_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
+        [sys.executable, str(tmp_path / "fresh.py"), str(hf_dir), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -180,6 +180,13 @@ def test_trust_remote_code_in_a_fresh_process(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     res = torch.load(tmp_path / "res.pt")
     assert res["leaked"] == [] and "transformers_modules" in res["module"]
+    return res
+
+
+def test_trust_remote_code_in_a_fresh_process(exported, tmp_path):
+    lm, out = exported
+    ids = torch.randint(0, VOCAB, (2, 10))
+    res = run_in_fresh_process(out, ids, tmp_path)
     with torch.no_grad():
         assert torch.equal(res["logits"], lm(ids).logits)
     assert torch.equal(res["cached"], greedy(lm, ids[:, :4], 6))
