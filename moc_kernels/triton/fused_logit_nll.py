@@ -314,26 +314,29 @@ def _fused_log_probs_kernel(
 # ------------------------------------------------------------------------------------------ launchers
 
 
-def _model_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, out: torch.Tensor) -> None:
-    """Pass 1 for one model: logits [N, V] -> out [4, N] fp32 rows (lse, entropy, gap, z[target])."""
-    num_rows, vocab_size = logits.shape
+def _model_stats(logits: list[torch.Tensor], targets: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """Pass 1, one launch per model: M x [N, V] -> [4, M, N] fp32 (lse, entropy, gap, z[target])."""
+    num_rows, vocab_size = logits[0].shape
+    out = _empty((4, len(logits), num_rows), torch.float32, logits[0].device)
     config = _config("stats", vocab_size)
-    with on_device(logits):
-        _model_stats_kernel[(num_rows,)](
-            logits,
-            logits.stride(0),
-            targets,
-            out[0],
-            out[1],
-            out[2],
-            out[3],
-            vocab_size,
-            1.0 / temperature,
-            IGNORE=IGNORE_INDEX,
-            BLOCK_V=config["BLOCK_V"],
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+    with on_device(logits[0]):
+        for i, (lg, temperature) in enumerate(zip(logits, temperatures)):
+            _model_stats_kernel[(num_rows,)](
+                lg,
+                lg.stride(0),
+                targets,
+                out[0, i],
+                out[1, i],
+                out[2, i],
+                out[3, i],
+                vocab_size,
+                1.0 / temperature,
+                IGNORE=IGNORE_INDEX,
+                BLOCK_V=config["BLOCK_V"],
+                num_warps=config["num_warps"],
+                num_stages=config["num_stages"],
+            )
+    return out
 
 
 def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
@@ -416,10 +419,7 @@ def fused_logit_nll_op(
         )
     logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
     targets = targets.contiguous()
-    stats = _empty((4, num_models, num_rows), torch.float32, device)
-    for i in range(num_models):
-        _model_stats(logits[i], targets, temperatures[i], stats[:, i])
-    log_sum_exp, entropy, gap, target_z = stats.unbind(0)  # each [M, N]
+    log_sum_exp, entropy, gap, target_z = _model_stats(logits, targets, temperatures).unbind(0)  # each [M, N]
     fixed = torch.tensor(weights, dtype=torch.float32, device=device)
     temps = torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]
 
@@ -462,10 +462,7 @@ def fused_log_probs_op(
         )
     logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
     no_targets = torch.full((num_rows,), IGNORE_INDEX, dtype=torch.int64, device=device)
-    stats = _empty((4, num_models, num_rows), torch.float32, device)
-    for i in range(num_models):
-        _model_stats(logits[i], no_targets, temperatures[i], stats[:, i])
-    log_sum_exp, entropy, gap, _ = stats.unbind(0)  # each [M, N]
+    log_sum_exp, entropy, gap, _ = _model_stats(logits, no_targets, temperatures).unbind(0)  # each [M, N]
     alphas = strategy_weights(strategy, entropy, gap, torch.tensor(weights, dtype=torch.float32, device=device))
     inv_temps = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32, device=device)[:, None]
     # A +inf or NaN logit makes its model's lse non-finite: the whole row becomes NaN through the offset.
