@@ -55,7 +55,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 VOCAB = 2048  # the embedded corpus' tokenizer of configs/tiny.yaml (its data_dir is reused)
 
 
-def _config(size: str, data_dir: Path, out_dir: Path, kernels: str, steps: int, dtype: str):
+def _config(size: str, data_dir: Path, out_dir: Path, kernels: str, steps: int):
     from model.train_config import config_from_dict
 
     spec = SIZES[size]
@@ -73,7 +73,7 @@ def _config(size: str, data_dir: Path, out_dir: Path, kernels: str, steps: int, 
         "keep_checkpoints": 1,
         "export_hf": False,
         "wandb_project": None,
-        "dtype": dtype,
+        "dtype": "auto",  # bf16 autocast on CUDA, fp32 on the CPU: as a real run
         "kernels": kernels,
         "seed": 1234,
     }
@@ -96,13 +96,9 @@ def run(size: str, data_dir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        kernel_run = train(
-            _config(size, data_dir, Path(tmp) / "kernels", kernels, steps, "auto"), progress=False
-        )
+        kernel_run = train(_config(size, data_dir, Path(tmp) / "kernels", kernels, steps), progress=False)
         peak = torch.cuda.max_memory_allocated() if cuda else None
-        reference_run = train(
-            _config(size, data_dir, Path(tmp) / "reference", "reference", compare, "auto"), progress=False
-        )
+        reference_run = train(_config(size, data_dir, Path(tmp) / "reference", "reference", compare), progress=False)
     losses, reference = _losses(kernel_run.history), _losses(reference_run.history)
     diffs = [abs(a - b) / abs(b) for a, b in zip(losses[:compare], reference)]
     rates = [r["tokens_per_sec"] for r in kernel_run.history if "tokens_per_sec" in r][2:]  # after warm-up
