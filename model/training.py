@@ -296,12 +296,13 @@ def _run(
     ckpt_path, resumed_step = _resume_or_seed(run, checkpointer, resume)
     start_step = 0 if resumed_step is None else resumed_step
     with MetricsSink(cfg, dist_info, resumed_step, checkpoint_loaded=ckpt_path is not None) as sink:
-        result = TrainResult(out_dir=run.out_dir, steps=start_step, unigram_loss=_describe(run))
+        unigram = _describe(run)
+        result = TrainResult(out_dir=run.out_dir, steps=start_step, unigram_loss=unigram)
         if start_step == 0:
             val_loss, val_ppl = _validate(run)
             result.val_loss_start = val_loss
             dist_info.say(f"[train] step 0: val loss {val_loss:.4f} (ppl {val_ppl:.1f})")
-            record = {"val/loss": val_loss, "val/perplexity": val_ppl, "val/unigram_loss": result.unigram_loss}
+            record = {"val/loss": val_loss, "val/perplexity": val_ppl, "val/unigram_loss": unigram}
             sink.emit({"step": 0} | record)
         sink.start_progress(start_step, cfg.max_steps, enabled=progress)
         _loop(run, checkpointer, sink, result, start_step, on_step)
@@ -320,8 +321,8 @@ def _loop(
 ) -> None:
     """Optimizer steps ``start_step + 1 .. max_steps``: train, then log / evaluate / save when due (and at the end).
 
-    Updates ``result`` (steps, val_loss_end, checkpoint) as it goes, so an interrupted run's result
-    is as far as it got. Raises NonFiniteLossError before a NaN/inf reaches the weights.
+    Updates ``result`` (steps, val_loss_end, checkpoint) as it goes. Raises NonFiniteLossError before
+    a NaN/inf reaches the weights.
     """
     cfg = run.cfg
     run.model.train()
