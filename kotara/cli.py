@@ -305,7 +305,7 @@ def _process_group(devices: list[torch.device]) -> Iterator[int]:
     launch on GPU 0 with its tensors on another GPU. The group is left on every rank: after a
     barrier when the block ends normally (no rank tears down while another is still in it), at
     once on an error; a process that exits with a live gloo group can abort at interpreter exit
-    (see ``model.training.process_group``, where that was measured).
+    (see ``model.distributed.process_group``, where that was measured).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield 0

@@ -1,10 +1,14 @@
-"""Checkpoints: atomic writes, keep the last N, find the latest, capture and restore RNG states.
+"""Checkpoints: the file format, and what a training run saves into it and restores from it.
 
 A checkpoint is one ``torch.save`` file ``out_dir/checkpoints/step_{step:08d}.pt`` holding the
 model, optimizer and scheduler state dicts, the RNG states (python, numpy, torch CPU, every CUDA
 device), the step (which is the data position: sampling is a function of (seed, step, rank)) and
 the run's config. It is written to a temporary file in the same directory, flushed to disk, then
 ``os.replace``-d: a crash leaves either the previous checkpoint or the new one, never half of one.
+
+The low-level half (``save_checkpoint``, ``load_checkpoint``, ``latest_checkpoint``, RNG capture)
+knows nothing of training; :class:`RunCheckpointer` is the half that does: which state a run saves
+(plain or FSDP2 full state dicts, each rank's RNG) and how a later call resumes from it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model.config import ModelConfig
+from model.distributed import DistInfo, is_fsdp
+from model.train_config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -119,3 +129,141 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a training run saves and restores
+
+
+class RunCheckpointer:
+    """Saves a training run's state at a step and resumes a run from a checkpoint (every rank calls both).
+
+    What is saved: the model and optimizer state dicts (with FSDP2 gathered into full, CPU-resident
+    ones, so a checkpoint loads on any world size and into a plain model), the scheduler, the
+    GradScaler, ``state_format`` (``fsdp`` or ``plain``), the run's config with its ``model_config``,
+    and every rank's RNG state (``rng_per_rank``, so dropout resumes exactly on each rank). Rank 0
+    writes the file; the gathers are collective, so every rank must call :meth:`save`.
+
+    What :meth:`resume` accepts, three kinds of checkpoint:
+
+    - none (``--resume`` with an empty ``out_dir``): not this class's business, the run starts fresh;
+    - weights only (no ``optimizer`` key: ``python -m model.convert_original`` writes these): the
+      weights are loaded and the run starts at step 0 with a fresh AdamW, the config's warmup and
+      schedule, and the seed's RNG;
+    - a full checkpoint of this trainer: model, optimizer, scheduler, scaler and RNG are restored and
+      the run continues at its step.
+
+    Refused (ConfigError): a checkpoint whose model keys differ from this run's (the kernels backend
+    may change between segments, same math; model keys added after the checkpoint was written take
+    their defaults, which was its behaviour), and a full checkpoint of the other state format (FSDP
+    and plain optimizer states are keyed differently).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        dist_info: DistInfo,
+        raw_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """``raw_model``: the model itself, not its DDP wrapper (FSDP2 shards it in place)."""
+        self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
+        self.raw_model, self.optimizer, self.scheduler, self.scaler = raw_model, optimizer, scheduler, scaler
+        self.fsdp = is_fsdp(cfg, dist_info)
+
+    @property
+    def state_format(self) -> str:
+        return "fsdp" if self.fsdp else "plain"
+
+    def save(self, step: int) -> Path | None:
+        """Write the checkpoint of ``step`` (rank 0) and prune old ones; its path on rank 0, None elsewhere."""
+        model_state, optim_state = self._model_and_optim_state()
+        extra: dict[str, Any] = {"scaler": self.scaler.state_dict(), "state_format": self.state_format}
+        if self.dist_info.enabled:  # each rank's RNG (dropout) so that resume is exact on every rank
+            gathered = [None] * self.dist_info.world_size
+            dist.all_gather_object(gathered, rng_state())
+            extra["rng_per_rank"] = dict(enumerate(gathered))
+        if not self.dist_info.is_main:
+            return None
+        config = self.cfg.to_dict() | {"model_config": self.model_cfg.to_dict()}
+        return save_checkpoint(
+            self.cfg.out_dir,
+            step,
+            model_state,
+            optim_state,
+            self.scheduler.state_dict(),
+            config,
+            extra,
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def resume(self, path: Path) -> int | None:
+        """Restore the run from the checkpoint at ``path``: the step it continues from, None for weights only.
+
+        None means the caller starts at step 0 and seeds the RNG itself (as for a fresh start).
+        """
+        ckpt = load_checkpoint(path, map_location="cpu")
+        self._refuse_other_model(ckpt, path)
+        if "optimizer" not in ckpt:
+            self._load_model_state(ckpt["model"])
+            return None
+        self._load_training_state(ckpt)
+        saved_format = ckpt["extra"].get("state_format", "plain")
+        if saved_format != self.state_format:
+            raise ConfigError(
+                f"cannot resume from {path}: it was written by a {saved_format} run and this run is "
+                f"{'fsdp' if self.fsdp else 'plain/ddp'} (optimizer states are keyed differently); "
+                "resume in the same mode"
+            )
+        set_rng_state(ckpt["extra"].get("rng_per_rank", {}).get(self.dist_info.rank, ckpt["rng"]))
+        return int(ckpt["step"])
+
+    def _refuse_other_model(self, ckpt: dict[str, Any], path: Path) -> None:
+        saved_keys = ckpt["config"].get("model_config", {})
+        if not saved_keys:  # a checkpoint that does not say its model (nothing to compare)
+            return
+        saved_model = {k: v for k, v in (ModelConfig().to_dict() | saved_keys).items() if k != "kernels"}
+        this_model = {k: v for k, v in self.model_cfg.to_dict().items() if k != "kernels"}
+        if saved_model != this_model:
+            changed = sorted(k for k in this_model if saved_model.get(k) != this_model[k])
+            raise ConfigError(
+                f"cannot resume from {path}: model keys differ from the checkpoint's: {', '.join(changed)}"
+            )
+
+    def _model_and_optim_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.fsdp:  # gather full, CPU-resident state dicts so a checkpoint loads on any world size
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_state_dict(self.raw_model, self.optimizer, options=options)
+        return self.raw_model.state_dict(), self.optimizer.state_dict()
+
+    def _load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.raw_model, model_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.raw_model.load_state_dict(model_state)
+
+    def _load_training_state(self, ckpt: dict[str, Any]) -> None:
+        """Model, optimizer, scheduler and scaler of a full checkpoint (every rank reads the whole file)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.raw_model,
+                self.optimizer,
+                model_state_dict=ckpt["model"],
+                optim_state_dict=ckpt["optimizer"],
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+            )
+        else:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt["extra"]:
+            self.scaler.load_state_dict(ckpt["extra"]["scaler"])

@@ -129,7 +129,7 @@ def test_weight_decay_on_matrices_only():
 
 
 def test_wandb_goes_offline_without_an_api_key(tmp_path: Path, monkeypatch):
-    from model.training import _wandb_mode
+    from model.metrics import _wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -208,6 +208,20 @@ def test_resume_gives_exactly_the_same_losses(data_dir: Path, tmp_path: Path):
     assert len(resumed) == len(losses(full)) == 6
     assert torch.equal(torch.tensor(resumed, dtype=torch.float64), torch.tensor(losses(full), dtype=torch.float64))
     assert read_metrics(tmp_path / "cut")[-1]["val/loss"] == full.history[-1]["val/loss"]
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_state_format(data_dir: Path, tmp_path: Path):
+    """FSDP2 and plain optimizer states are keyed differently: a plain run does not resume an fsdp checkpoint."""
+    from model.train_config import ConfigError
+
+    cfg = config_from_dict(tiny_raw(data_dir, tmp_path, max_steps=1, save_interval=1))
+    train(cfg, progress=False)
+    path = latest_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["extra"]["state_format"] = "fsdp"
+    atomic_save(ckpt, path)
+    with pytest.raises(ConfigError, match="written by a fsdp run and this run is plain/ddp"):
+        train(config_from_dict(tiny_raw(data_dir, tmp_path, max_steps=2)), resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch):
