@@ -50,7 +50,8 @@ def token_stats(
     agree = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
     jsd = torch.empty(len(pairs), num_rows, dtype=torch.float32, device=device)
     tempered = [i for i, t in enumerate(temperatures or []) if t != 1.0]
-    nll_tempered = nll.clone() if tempered else nll  # filled below for the rows of tempered models
+    # Each row is filled below: the tempered models' at their temperature, the others' copied from nll.
+    nll_tempered = torch.empty_like(nll) if tempered else nll
     step = _chunk_rows(vocab_size, device)
     for start in range(0, num_rows, step):
         rows = slice(start, min(start + step, num_rows))
@@ -62,6 +63,8 @@ def token_stats(
         for i, lp in enumerate(log_probs):
             nll[i, rows] = -lp.gather(1, target).squeeze(1)  # inf for an impossible (-inf logit) target
             lp.clamp_(min=torch.finfo(torch.float32).min)  # -inf -> finite, so p * log p below is 0, not NaN
+            if tempered and i not in tempered:
+                nll_tempered[i, rows] = nll[i, rows]
         probs = [lp.exp() for lp in log_probs]
         # Row sums in fp64: the JS divergence below is a difference of entropies (~ln V each).
         neg_entropy = [(p * lp).sum(-1, dtype=torch.float64) for p, lp in zip(probs, log_probs)]

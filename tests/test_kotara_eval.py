@@ -261,6 +261,19 @@ def test_similarity_stats_match_their_definitions():
     assert torch.isfinite(masked["jsd"]).all() and torch.isfinite(masked["nll"]).all()
 
 
+def test_similarity_nll_at_temperature_for_mixed_temperatures():
+    """One model tempered, one not: the untempered row is its own NLL (it was an uninitialised copy)."""
+    from kotara.similarity import token_stats
+
+    a, b = torch.randn(30, 17) * 3, torch.randn(30, 17) * 3
+    targets = torch.randint(0, 17, (30,))
+    stats = token_stats([a, b], targets, temperatures=[1.0, 1.7])
+    at_temperature = stats["nll_at_temperature"].double()
+    assert torch.equal(stats["nll_at_temperature"][0], stats["nll"][0])
+    expected_b = torch.nn.functional.cross_entropy(b.double() / 1.7, targets, reduction="none")
+    assert torch.allclose(at_temperature[1], expected_b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.triton
 def test_triton_fusion_equals_reference_through_kotara(workspace):
     """--kernels triton (Triton's interpreter on CPU) and the reference give the same fused NLLs,
