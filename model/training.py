@@ -450,7 +450,7 @@ def _run(
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * model_cfg.max_seq_len * dist_info.world_size
     unigram = data.unigram_loss() if dist_info.is_main else None
     say(
-        f"[train] {raw_model.num_parameters():,} parameters ({'MoC' if model_cfg.is_moc else 'dense'}), "
+        f"[train] {raw_model.num_parameters():,} parameters ({model_cfg.ffn_label}), "
         f"device {device}, {str(amp_dtype).replace('torch.', '')}, world {dist_info.world_size}, "
         f"{tokens_per_step:,} tokens/step, {cfg.max_steps} steps; data {data.tokens('train'):,} train / "
         f"{data.tokens('val'):,} val tokens"
