@@ -80,8 +80,7 @@ def routed_swiglu(
     _require(x.dtype in FLOAT_DTYPES, f"routed_swiglu: unsupported dtype {x.dtype}")
     # Out-of-range indices would read other experts' weights: check on the device (no host sync).
     torch._assert_async(((idx >= 0) & (idx < num_experts)).all(), f"routed_swiglu: idx outside [0, E={num_experts})")
-    # The Triton kernels land next; until then every backend runs the reference.
-    return reference.routed_swiglu(x, idx, w1, w3, w2)
+    return _implementation("routed_swiglu", x.device)(x, idx, w1, w3, w2)
 
 
 def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
