@@ -219,6 +219,19 @@ def test_frozen_weights_get_no_gradient_work(kernel_module):
 
 
 @pytest.mark.triton
+def test_mixed_weight_dtype_is_cast_to_x_dtype(kernel_module):
+    """fp32 master weights with bf16 activations (as under autocast): cast, differentiably."""
+    x = torch.randn(SMALL[0], SMALL[1]).bfloat16().requires_grad_()
+    w1, w3, w2, _ = _weights(torch.float32, SMALL)
+    idx = _idx("unused_expert", SMALL[0], SMALL[3])
+    y = _triton(x, idx, w1, w3, w2)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert w1.grad is not None and w1.grad.dtype == torch.float32
+    assert_rel_close(y, reference.routed_swiglu(x, idx, w1, w3, w2), torch.bfloat16, "Y")
+
+
+@pytest.mark.triton
 def test_zero_tokens(kernel_module):
     x = torch.randn(0, SMALL[1]).requires_grad_()
     w1, w3, w2, leaves = _weights(torch.float32, SMALL)
