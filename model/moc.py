@@ -140,8 +140,8 @@ class CollaborativeExpertsModule(nn.Module):
         # 2. router contextualised by attention among the E expert outputs of each token
         # (router_context: false routes on the token itself, s = x, as a standard MoE router does)
         if self.router_context:
-            router_context, _ = self.router_attn(expert_outputs)
-            summary = self.router_norm(router_context + expert_outputs).mean(dim=1)  # [N, D]
+            attended, _ = self.router_attn(expert_outputs)
+            summary = self.router_norm(attended + expert_outputs).mean(dim=1)  # [N, D]
         else:
             summary = x.reshape(batch * seq, dim)
         route_logits = self.gate(summary).float() / self.temperature  # [N, E] fp32: softmax/top-k precision
