@@ -21,15 +21,18 @@ def routed_swiglu(
     ``expert_swiglu``'s.
 
     Host sync: one, ``counts.tolist()``. Splitting the sorted rows into per-expert blocks needs the
-    block sizes as Python ints (PyTorch shapes live on the host); everything before it is queued on
-    the device. The Triton kernel has no such sync (its grid does not depend on the counts).
+    block sizes as Python ints (PyTorch shapes live on the host); everything before it (sort,
+    searchsorted, gather) is queued on the device. The Triton kernels have no such sync (their grid
+    does not depend on the counts).
     """
     math_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
     n_tokens, top_k = idx.shape
     num_experts = w1.shape[0]
-    pair_experts = idx.reshape(-1)  # pair p = n * k + j
-    order = torch.argsort(pair_experts, stable=True)  # pairs sorted by expert
-    counts = torch.bincount(pair_experts, minlength=num_experts)
+    # Pairs p = n * k + j sorted by expert; each expert's count from the sorted experts (bincount
+    # would wait for the device too: it sizes its output by the largest index).
+    sorted_experts, order = torch.sort(idx.reshape(-1), stable=True)
+    experts = torch.arange(num_experts + 1, device=idx.device, dtype=sorted_experts.dtype)
+    counts = torch.searchsorted(sorted_experts, experts).diff()
     rows = x.to(math_dtype)[order // top_k]  # [N * k, D], expert-sorted
     outputs = []
     for expert, expert_rows in enumerate(rows.split(counts.tolist())):
