@@ -50,7 +50,7 @@ from moc_kernels.triton.utils import on_device
 # Launch configurations: the one place they live (launchers read them, block sizes clamped to small
 # problems; compile_specs() compiles exactly these for the report). "bf16" also serves fp16. Tiles
 # start from expert_swiglu's for the same GEMM shapes; `python -m moc_kernels.report --ops
-# routed_swiglu` at SHIPPED_SHAPE: 0 spills on sm_80 and sm_90, wgmma on sm_90 / mma on sm_80. The
+# routed_swiglu` at SHIPPED_SHAPE, Triton 3.9 and 3.6: 0 spills on sm_80 and sm_90, wgmma / mma. The
 # gathered x rows cost registers (a 64-bit pointer per element): expert_swiglu's 128x64x16 gate/up
 # tile spilled 16 B on sm_80 here (64x64x32 at 4 warps 64 B, 64x128x16 56 B), so gate/up runs 64x64.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
