@@ -258,13 +258,15 @@ def _section_summary(results: dict[str, Any]) -> str:
 
 def _section_setup(results: dict[str, Any]) -> str:
     env, wall = results["environment"], results["wall_s"]
+    run_threads = results["config"]["train"].get("cpu_threads")
+    threads = f" at start (training runs: `train.cpu_threads` {run_threads})" if run_threads else ""
     changes = {True: " (with uncommitted changes to tracked files)", False: "", None: ""}[env["git_tracked_changes"]]
     cpu = results.get("cpu_s")
     cpu_text = f"; CPU time {cpu:.0f} s (user + system, this process)" if cpu is not None else ""
     lines = [
         "## Setup",
         "",
-        f"- Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}, "
+        f"- Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}{threads}, "
         f"GPU: {env['gpu'] or 'none'} ({env['platform']}).",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         f"- Code: git commit `{env['git_commit']}`{changes}.",
@@ -334,7 +336,9 @@ def _iso_flop_notes(arms: dict[str, Any], data: dict[str, Any]) -> list[str]:
             "compute, `moc_kernels.routed_swiglu`); they share MoC's expert weights' names, shapes and "
             "initialisation, and have no router attention, collaboration or output projection. The ablations "
             "are MoC with one idea removed (DESIGN §2b): `router_context: false` routes on `s = x`, "
-            "`collaboration: false` combines the raw expert outputs, `(Σ_j w_j S_j) Wo`."
+            "`collaboration: false` combines the raw expert outputs, `(Σ_j w_j S_j) Wo`, so it also removes the "
+            "RMSNorm that step 5 puts between the experts and `Wo` (the README's model section measures what "
+            "that does to the layer's output at initialisation)."
         )
     return notes
 
