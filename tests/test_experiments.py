@@ -258,7 +258,7 @@ def test_split_held_out_is_deterministic_and_two_sided():
         (("arms", {"dense": {"n_experts": 0}, "wide": {"match_flops_of": "nope"}}), "match_flops_of must name"),
         (("train", {"model": {"d_modle": 32}, "max_steps": 2}), "did you mean 'd_model'"),
         (("train", {"model": {"d_model": 32, "n_heads": 2}, "max_stpes": 2}), "did you mean 'max_steps'"),
-        (("arms", {"dense": {"n_experts": 0}, "moe": {"n_experts": 4, "ffn": "mo"}}), "did you mean 'moe'"),
+        (("arms", {"dense": {"n_experts": 0}, "moe": {"n_experts": 4, "ffn": "moee"}}), "did you mean 'moe'"),
         (("arms", {"dense": {"n_experts": 0}, "abl": {"n_experts": 0, "collaboration": False}}), "MoC ablation"),
         (
             (
