@@ -122,6 +122,8 @@ def kernel_costs(op: str, shape: BenchShape, length: int | None = None, strategi
         bwd_bytes = (x + w13 + y + w2 + 2 * h + h) + (2 * h + w13 + x) + (x + 2 * h + w13) + (h + y + w2)
         gemm = 2 * N * D * F * E  # one [N, D] x [D, F] product per expert
         return {"fwd": (3 * gemm, fwd_bytes), "fwd+bwd": (3 * gemm + 8 * gemm, fwd_bytes + bwd_bytes)}
+    if op == "routed_swiglu":
+        return _routed_swiglu_costs(shape)
     if op == "topk_gather":
         idx, s, y = N * k * INDEX, N * k * D * b, N * E * D * b
         fwd_bytes = idx + 2 * s  # read the k selected rows, write S
@@ -139,7 +141,32 @@ def kernel_costs(op: str, shape: BenchShape, length: int | None = None, strategi
         # pass 1 (per-model statistics) and pass 2 (log-sum-exp of the fused row) both read every logit.
         logits, outputs = M * N * V * b, strategies * (N + 2 * M * N) * FP32
         return {"fwd": (0.0, 2 * logits + N * INDEX + outputs)}
-    raise ValueError(f"unknown op {op!r}; expected expert_swiglu, topk_gather, small_attention or fused_logit_nll")
+    raise ValueError(
+        f"unknown op {op!r}; expected expert_swiglu, routed_swiglu, topk_gather, small_attention or fused_logit_nll"
+    )
+
+
+def _routed_swiglu_costs(shape: BenchShape) -> dict[str, tuple]:
+    """``routed_swiglu``'s kernel design (moc_kernels/triton/routed_swiglu.py) on P = N k (token, slot)
+    rows: the routing reads idx and writes the int32 sort order, which every GEMM reads again; x and dY
+    rows are gathered per pair in the loads (read once per pair); no G/U recompute in the backward."""
+    N, D, E, F = shape.tokens, shape.dim, shape.experts, shape.hidden
+    b, P = torch.finfo(shape.dtype).bits // 8, shape.tokens * shape.top_k
+    rows_d, rows_f, w13, w2, order = P * D * b, P * F * b, E * D * 2 * F * b, E * F * D * b, P * 4
+    route = P * INDEX + order + (E + 1) * 4
+    # fwd: gate/up reads the x rows and w13, writes G, U (saved) and H; down reads H, w2, writes Y.
+    fwd_bytes = route + (rows_d + w13 + 3 * rows_f + order) + (rows_f + w2 + rows_d + order)
+    # bwd: dH reads dY rows, w2, G, U, writes dG, dU, H; dX_pair = [dG|dU] w13^T (fp32) and its sum over
+    # the k slots; dW13 = X^T [dG|dU]; dW2 = H^T dY.
+    bwd_bytes = (
+        (rows_d + w2 + 2 * rows_f + 3 * rows_f + order)
+        + (2 * rows_f + w13 + P * D * FP32 + order)
+        + (P * D * FP32 + N * D * b)
+        + (rows_d + 2 * rows_f + w13 + order)
+        + (rows_f + rows_d + w2 + order)
+    )
+    gemm = 2 * P * D * F  # one [rows, D] x [D, F] product over all experts' rows: k/E of expert_swiglu's
+    return {"fwd": (3 * gemm, fwd_bytes), "fwd+bwd": (9 * gemm, fwd_bytes + bwd_bytes)}
 
 
 def useful_work(op: str, pass_: str, shape: BenchShape) -> tuple[float, float] | None:
@@ -149,7 +176,7 @@ def useful_work(op: str, pass_: str, shape: BenchShape) -> tuple[float, float] |
     if op.startswith("small_attention[") and pass_ in ("fwd", "fwd+bwd"):
         length = int(op.split("L=")[1].rstrip("]"))
         return kernel_costs("small_attention", shape, length=length)[pass_]
-    if op in ("expert_swiglu", "topk_gather") and pass_ in ("fwd", "fwd+bwd"):
+    if op in ("expert_swiglu", "routed_swiglu", "topk_gather") and pass_ in ("fwd", "fwd+bwd"):
         return kernel_costs(op, shape)[pass_]
     if op in ("fused_logit_nll[one]", "fused_logit_nll[all]"):
         strategies = len(moc_kernels.STRATEGIES) if op.endswith("[all]") else 1
@@ -247,6 +274,39 @@ def op_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
     return rows
 
 
+ROUTED_TOKENS = (32, 64)
+
+
+def routed_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
+    """Cost rows of ``routed_swiglu`` (the top-k MoE's experts) at ``shape``.
+
+    Its reference splits the sorted rows by per-expert counts, which are data: it cannot run on the
+    meta device. It runs on CPU tensors at the two token counts of ``ROUTED_TOKENS`` with a balanced
+    routing (token n's slot j on expert (n k + j) mod E, so every expert gets N k / E rows); each of
+    its ops then moves a fixed amount (weights) plus an amount linear in N, so FLOPs and bytes are
+    extrapolated linearly to ``shape.tokens``.
+    """
+    from moc_kernels import reference
+
+    D, E, F, k, dt = shape.dim, shape.experts, shape.hidden, shape.top_k, shape.dtype
+    measured = []
+    for tokens in ROUTED_TOKENS:
+        x = torch.randn(tokens, D, dtype=dt, requires_grad=True)
+        w13 = torch.randn(E, D, 2 * F, dtype=dt, requires_grad=True)
+        w2 = torch.randn(E, F, D, dtype=dt, requires_grad=True)
+        idx = (torch.arange(tokens * k) % E).view(tokens, k)
+        inputs = (x, idx, *w13.split(F, dim=-1), w2)
+        dy = torch.randn(tokens, k, D, dtype=dt)
+        fwd = measure_reference(reference.routed_swiglu, *inputs)
+        measured.append({"fwd": fwd, "fwd+bwd": measure_reference(reference.routed_swiglu, *inputs, grads=(dy,))})
+    (n1, n2), rows = ROUTED_TOKENS, []
+    for pass_, (kflops, kbytes) in kernel_costs("routed_swiglu", shape).items():
+        (f1, b1), (f2, b2) = measured[0][pass_], measured[1][pass_]
+        scale = (shape.tokens - n1) / (n2 - n1)
+        rows.append(Cost("routed_swiglu", pass_, kflops, kbytes, f1 + (f2 - f1) * scale, b1 + (b2 - b1) * scale))
+    return rows
+
+
 def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None) -> Cost:
     """The whole MoC layer (the model's CollaborativeExpertsModule), forward + backward."""
     from benchmarks.moc_layer import build_moc_module
@@ -271,7 +331,7 @@ def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None
 
 def all_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
     ops = op_rows(shape)
-    return [*ops, layer_row(shape, ops)]
+    return [*ops, *routed_rows(shape), layer_row(shape, ops)]
 
 
 def format_table(rows: list[Cost], shape: BenchShape = GPT2_SMALL) -> str:

@@ -1,4 +1,5 @@
-"""A functional MoC layer (DESIGN §2) built on the public ops, for the benchmarks and probes.
+"""A functional MoC layer (DESIGN §2) built on the public ops, for the benchmarks and probes; the model's
+MoC and top-k MoE modules at a benchmark shape.
 
 It follows DESIGN §2 step by step and calls ``moc_kernels``' public ops for the four hot paths, so
 the backend switch (``moc_kernels.use_backend``) picks reference or Triton exactly as in the model.
@@ -129,7 +130,18 @@ def build_moc_module(shape: BenchShape, device: torch.device | str) -> torch.nn.
     """The model's CollaborativeExpertsModule at ``shape``, random weights (std 0.02), in ``shape.dtype``."""
     from model.moc import CollaborativeExpertsModule
 
-    module = CollaborativeExpertsModule(model_config(shape)).to(device)
+    return _random_weights(CollaborativeExpertsModule(model_config(shape)), shape, device)
+
+
+def build_moe_module(shape: BenchShape, device: torch.device | str) -> torch.nn.Module:
+    """The model's top-k MoE layer (``ffn: moe``: the same E, k, F and expert weights as MoC's) at ``shape``."""
+    from model.moe import TopKMoEModule
+
+    return _random_weights(TopKMoEModule(model_config(shape, ffn="moe")), shape, device)
+
+
+def _random_weights(module: torch.nn.Module, shape: BenchShape, device: torch.device | str) -> torch.nn.Module:
+    module = module.to(device)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "norm" in name:

@@ -2,6 +2,8 @@
 
 - ``test_moc_layer``: the model's ``CollaborativeExpertsModule`` forward+backward as reference,
   ``torch.compile`` and Triton.
+- ``test_moe_layer``: the same for the top-k MoE baseline (``TopKMoEModule``, ``ffn: moe``) at the
+  same E, k and F: its k routed experts per token (``routed_swiglu``) against MoC's E.
 - ``test_moc_layer_vs_loop``: the functional layer of ``benchmarks.moc_layer`` with the vectorised
   ``expert_swiglu`` reference vs a ``for e in range(E)`` loop over experts (same code otherwise).
 - ``test_training_step``: forward, backward and AdamW step of the CPU default's LunarisLM
@@ -22,7 +24,14 @@ import yaml
 
 import moc_kernels
 from benchmarks.impls import IMPLS, compiled, require_triton
-from benchmarks.moc_layer import build_moc_module, init_params, moc_layer, model_config, per_expert_loop_swiglu
+from benchmarks.moc_layer import (
+    build_moc_module,
+    build_moe_module,
+    init_params,
+    moc_layer,
+    model_config,
+    per_expert_loop_swiglu,
+)
 from benchmarks.shapes import BenchShape
 from benchmarks.timing import forward_backward, measure
 
@@ -34,9 +43,19 @@ def _backend(impl: str) -> str:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_moc_layer(benchmark, device, shape, impl):
     """Forward + backward (out and the aux losses) of the model's MoC layer."""
+    _time_expert_layer(benchmark, device, shape, impl, build_moc_module(shape, device), "moc_layer")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_layer(benchmark, device, shape, impl):
+    """Forward + backward (out and the balance loss) of the model's top-k MoE layer, MoC's E, k and F."""
+    _time_expert_layer(benchmark, device, shape, impl, build_moe_module(shape, device), "moe_layer")
+
+
+def _time_expert_layer(benchmark, device, shape, impl: str, module: torch.nn.Module, op: str) -> None:
+    """Time forward + backward of an expert layer returning MoCOutput (MoC or MoE) as ``op``."""
     if impl == "triton":
         require_triton(device)
-    module = build_moc_module(shape, device)
     forward = compiled(module) if impl == "compile" else module
     backend = _backend(impl)
 
@@ -54,10 +73,8 @@ def test_moc_layer(benchmark, device, shape, impl):
     for _ in range(3 if device.type == "cuda" else 2):
         x = torch.randn(1, shape.tokens, shape.dim, device=device, dtype=shape.dtype, requires_grad=True)
         sets.append((x, torch.randn_like(x)))
-    measure(
-        benchmark, step, sets, device, shape.tokens, op="moc_layer", impl=impl, pass_="fwd+bwd", shape=shape.describe()
-    )
-    benchmark.group = "moc_layer fwd+bwd"
+    measure(benchmark, step, sets, device, shape.tokens, op=op, impl=impl, pass_="fwd+bwd", shape=shape.describe())
+    benchmark.group = f"{op} fwd+bwd"
 
 
 @pytest.mark.parametrize("impl", ["reference", "loop"])

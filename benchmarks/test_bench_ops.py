@@ -1,4 +1,4 @@
-"""Timings of the four ops, forward and forward+backward: reference, torch.compile(reference), Triton.
+"""Timings of the ops, forward and forward+backward: reference, torch.compile(reference), Triton.
 
 Run: ``pytest benchmarks/ --benchmark-only``. Shapes from ``benchmarks.shapes`` (GPT-2-small MoC on
 CUDA, a scaled shape on CPU). Every case cycles over several freshly drawn input sets.
@@ -113,3 +113,24 @@ def test_fused_logit_nll(benchmark, device, shape, impl, strategies):
         targets = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
         sets.append((logits, targets, names, [1.0] * shape.models, None, None))
     _run(benchmark, fn, sets, "fwd", device, shape, f"fused_logit_nll[{strategies}]", impl, strategies=len(names))
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_routed_swiglu(benchmark, device, shape, impl, pass_):
+    """The top-k MoE's experts: each token's k routed experts only (k/E of expert_swiglu's FLOPs)."""
+    fn = implementation("routed_swiglu", impl, device)
+    grad = pass_ != "fwd"
+    # One routing (a router's top-k) shared by the input sets: torch.compile(reference) specialises on
+    # the experts' row counts (its split sizes), so a routing per set would recompile it for every set.
+    idx = torch.rand(shape.tokens, shape.experts, device=device).topk(shape.top_k, dim=-1).indices
+    sets = []
+    for _ in range(_input_sets(device)):
+        x = _rand(shape.tokens, shape.dim, shape=shape, device=device, grad=grad)
+        w13 = _rand(shape.experts, shape.dim, 2 * shape.hidden, shape=shape, device=device) / shape.dim**0.5
+        w2 = _rand(shape.experts, shape.hidden, shape.dim, shape=shape, device=device) / shape.hidden**0.5
+        w13, w2 = w13.requires_grad_(grad), w2.requires_grad_(grad)
+        w1, w3 = w13.split(shape.hidden, dim=-1)
+        dy = _rand(shape.tokens, shape.top_k, shape.dim, shape=shape, device=device)
+        sets.append((x, idx, w1, w3, w2, (dy,)))
+    _run(benchmark, fn, sets, pass_, device, shape, "routed_swiglu", impl)

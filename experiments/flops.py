@@ -1,9 +1,9 @@
-"""The iso-FLOP dense arm: the dense FFN width whose training FLOPs per token match an MoC model's.
+"""The iso-FLOP arms: the FFN width whose training FLOPs per token match another arm's.
 
 FLOPs come from ``model.info.flops_per_token`` (the project's one FLOPs count: matrix products,
 2 per multiply-add, causal attention over (T+1)/2 keys on average); training = 3 x forward (the
 backward of a product is two products of the same size). ``tests/test_experiments.py`` checks that
-count against ``torch.utils.flop_counter.FlopCounterMode`` on a real forward of both model kinds.
+count against ``torch.utils.flop_counter.FlopCounterMode`` on a real forward of every model kind.
 """
 
 from __future__ import annotations
@@ -20,23 +20,27 @@ def train_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> fl
     return 3.0 * flops_per_token(config, seq_len)["total"]
 
 
-def iso_flop_dense(target: ModelConfig, base: ModelConfig, seq_len: int | None = None) -> ModelConfig:
-    """A dense copy of ``base`` whose FFN is widened until its FLOPs/token best match ``target``'s.
+def iso_flop_width(target: ModelConfig, base: ModelConfig, seq_len: int | None = None) -> ModelConfig:
+    """A copy of ``base`` (dense or MoE) whose FFN is widened until its FLOPs/token best match ``target``'s.
 
-    Only ``ffn_hidden_multiplier`` changes (depth, width, attention, vocabulary and tokens stay the
-    dense baseline's); the hidden size stays a multiple of ``base.multiple_of``, and of the two
-    nearest multiples the one with the closer total is returned.
-    Raises ValueError if ``base`` is not dense.
+    Only ``ffn_hidden_multiplier`` changes (depth, width, attention, experts, vocabulary and tokens
+    stay ``base``'s): a dense FFN's F, or every MoE expert's F (a token runs k of them, so one unit
+    of F costs k times a dense one). The hidden size stays a multiple of ``base.multiple_of``, and of
+    the two nearest multiples the one with the closer total is returned.
+    Raises ValueError if ``base`` is a MoC model (its width also sets the router's and collab's inputs).
     """
     if base.is_moc:
         raise ValueError(
-            f"iso_flop_dense needs a dense base config (n_experts 0 or null), got n_experts={base.n_experts}"
+            f"iso_flop_width needs a dense or MoE base config, got a MoC one (n_experts={base.n_experts}, ffn=moc)"
         )
     want = flops_per_token(target, seq_len)["total"]
     base_flops = flops_per_token(base, seq_len)
     fixed = base_flops["total"] - base_flops["ffn"]
-    per_hidden = base.n_layers * 2 * 3 * base.d_model  # dense SwiGLU FLOPs per token per unit of F
-    exact = max(want - fixed, per_hidden) / per_hidden
+    experts_run = base.top_k if base.is_moe else 1
+    # SwiGLU FLOPs per token per unit of F (the gate and the weighted sum do not grow with F)
+    per_hidden = base.n_layers * 2 * 3 * base.d_model * experts_run
+    width_independent = base_flops["ffn"] - per_hidden * base.ffn_hidden
+    exact = max(want - fixed - width_independent, per_hidden) / per_hidden
     step = base.multiple_of
     candidates = {max(step, step * math.floor(exact / step)), max(step, step * math.ceil(exact / step))}
     best = None

@@ -1,12 +1,15 @@
 """``results.json``, ``RESULTS.md`` and ``results.png`` from the numbers of one ``experiments.run``.
 
 Every number and every verdict in RESULTS.md is computed here from ``results``; the commentary is a
-template whose wording follows the numbers ("beat" / "did not beat"), so a re-run on another machine
-or config rewrites it honestly.
+template whose wording follows the numbers ("beat" / "did not beat", "every seed agrees"), so a
+re-run on another machine or config rewrites it honestly. One function per section of RESULTS.md.
+
+    python -m experiments.report experiments/results.json   # rewrite RESULTS.md and results.png from it
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -30,11 +33,52 @@ def _capitalise(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _secs(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
 def _si(x: float) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
             return f"{x / scale:.2f}{suffix}"
     return f"{x:.0f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Which arm plays which part
+
+
+def ffn_kind(arm: dict[str, Any]) -> str:
+    """ "dense", "moe" or "moc" (results written before ``ffn_kind`` existed had MoC or dense only)."""
+    return arm.get("ffn_kind", "moc" if arm["is_moc"] else "dense")
+
+
+def _is_ablation(arm: dict[str, Any]) -> bool:
+    return ffn_kind(arm) == "moc" and not (arm.get("router_context", True) and arm.get("collaboration", True))
+
+
+def arm_roles(arms: dict[str, Any]) -> dict[str, Any]:
+    """The arms by role: ``moc`` (full MoC, or None), its baselines at the same tokens and at its FLOPs, ablations.
+
+    ``same_tokens`` and ``iso_flops`` are lists of (arm name, how the comparison is phrased).
+    """
+    full_moc = [n for n, a in arms.items() if ffn_kind(a) == "moc" and not _is_ablation(a)]
+    moc = next((n for n in full_moc if not arms[n]["matches_flops_of"]), None)
+    how = {
+        "dense": "at the same tokens",
+        "moe": "at the same experts (E, k, F) and tokens",
+    }
+    same_tokens, iso_flops = [], []
+    for kind in ("dense", "moe"):
+        for name, a in arms.items():
+            if ffn_kind(a) != kind:
+                continue
+            if a["matches_flops_of"]:
+                iso_flops.append((name, "at about the same training FLOPs"))
+            else:
+                same_tokens.append((name, how[kind]))
+    ablations = [n for n, a in arms.items() if _is_ablation(a)]
+    return {"moc": moc, "same_tokens": same_tokens, "iso_flops": iso_flops, "ablations": ablations}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,6 +102,34 @@ def compare_arms(arms: dict[str, Any], better: str, other: str) -> dict[str, Any
     return {"diff": diff, "rel": diff / b["val_ppl_mean"], "verdict": verdict}
 
 
+def paired_difference(arms: dict[str, Any], arm: str, reference: str) -> dict[str, Any]:
+    """Val PPL of ``arm`` minus ``reference``'s, seed by seed (both trained on the same seeds' batches).
+
+    Returns the per-seed differences (dict seed -> PPL, positive = ``arm`` worse), the difference
+    of means, the sample std of the per-seed differences (None for one seed), and ``agree``: "worse"
+    or "better" when every seed's difference has that sign, else "mixed".
+    """
+    a, r = arms[arm], arms[reference]
+    ref_by_seed = dict(zip(r["seeds"], r["val_ppl"]))
+    diffs = {s: p - ref_by_seed[s] for s, p in zip(a["seeds"], a["val_ppl"]) if s in ref_by_seed}
+    values = list(diffs.values())
+    std = None
+    if len(values) > 1:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    agree = "mixed"
+    if values and all(v > 0 for v in values):
+        agree = "worse"
+    elif values and all(v < 0 for v in values):
+        agree = "better"
+    return {
+        "per_seed": diffs,
+        "mean_diff": a["val_ppl_mean"] - r["val_ppl_mean"],
+        "std_diff": std,
+        "agree": agree,
+    }
+
+
 def _claim1_sentence(name: str, other: str, cmp: dict[str, Any], arms: dict[str, Any], how: str) -> str:
     a, b = arms[name], arms[other]
     n = len(a["val_ppl"])
@@ -71,6 +143,28 @@ def _claim1_sentence(name: str, other: str, cmp: dict[str, Any], arms: dict[str,
             f"it did not clearly beat it: {nums}."
         )
     return f"MoC did not beat `{other}` {how}: {nums}, {_fmt(-cmp['diff'])} PPL higher."
+
+
+ABLATION_WHAT = {"router_context": "its router context", "collaboration": "collaboration"}
+
+
+def _ablation_sentence(name: str, moc: str, arms: dict[str, Any]) -> str:
+    """What switching one of MoC's ideas off cost or gained, against full MoC, seed by seed."""
+    a = arms[name]
+    what = " and ".join(ABLATION_WHAT[k] for k in ABLATION_WHAT if not a.get(k, True))
+    d = paired_difference(arms, name, moc)
+    spread = f" ± {_fmt(d['std_diff'])} (std of the per-seed differences)" if d["std_diff"] is not None else ""
+    per_seed = ", ".join(f"{v:+.2f} (s{s})" for s, v in d["per_seed"].items())
+    effect = "higher (worse)" if d["mean_diff"] > 0 else "lower (better)"
+    if d["agree"] == "mixed":
+        agreement = "the seeds disagree on the sign, so this spread does not resolve the effect"
+    else:
+        agreement = f"every seed agrees ({d['agree']} without it)"
+    return (
+        f"Without {what} (`{name}`), MoC's val PPL was {_fmt(abs(d['mean_diff']))} {effect}: "
+        f"{_fmt(a['val_ppl_mean'])} vs full MoC's {_fmt(arms[moc]['val_ppl_mean'])} (difference of means "
+        f"{d['mean_diff']:+.2f}{spread}; per seed {per_seed}); {agreement}."
+    )
 
 
 def _fusion_verdict(ev: dict[str, Any], primary: str) -> dict[str, Any]:
@@ -92,16 +186,11 @@ def _fusion_sentence(label: str, ev: dict[str, Any], primary: str, letters: dict
     best_ppl = ev["models"][best]["ppl"]
     fused_ppl = ev["strategies"][primary]["ppl"]
     who = f"model {best} ({letters.get(best, best)})"
-    if v["primary_beats"]:
-        head = (
-            f"on the {label} text, fused `{primary}` beat the best single model, {who}: PPL {_fmt(fused_ppl)} vs "
-            f"{_fmt(best_ppl)} ({_fmt(v['primary_gain'], 4)} nats/token)"
-        )
-    else:
-        head = (
-            f"on the {label} text, fused `{primary}` did not beat the best single model, {who}: PPL "
-            f"{_fmt(fused_ppl)} vs {_fmt(best_ppl)} ({_fmt(v['primary_gain'], 4)} nats/token)"
-        )
+    beat = "beat" if v["primary_beats"] else "did not beat"
+    head = (
+        f"on the {label} text, fused `{primary}` {beat} the best single model, {who}: PPL {_fmt(fused_ppl)} vs "
+        f"{_fmt(best_ppl)} ({_fmt(v['primary_gain'], 4)} nats/token)"
+    )
     others = [s for s in v["winners"] if s != primary]
     tail = (
         f"; {len(v['winners'])}/{len(ev['strategies'])} strategies beat it ({', '.join(v['winners'])})"
@@ -113,169 +202,214 @@ def _fusion_sentence(label: str, ev: dict[str, Any], primary: str, letters: dict
     return head + tail + "."
 
 
+def _moc_comparisons(arms: dict[str, Any]) -> list[str]:
+    """MoC against every baseline (same tokens first, then same FLOPs), one sentence each."""
+    roles = arm_roles(arms)
+    moc = roles["moc"]
+    if moc is None:
+        return []
+    return [
+        _claim1_sentence(moc, other, compare_arms(arms, moc, other), arms, how)
+        for other, how in roles["same_tokens"] + roles["iso_flops"]
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
-# Markdown
+# Markdown: one function per section
 
 
 def render_markdown(results: dict[str, Any], figure: bool = True) -> str:
     """RESULTS.md from ``results`` (the dictionary written to results.json)."""
-    env, cfg = results["environment"], results["config"]
-    c1, c2 = results["claim1"], results["claim2"]
-    arms = c1["arms"]
-    wall = results["wall_s"]
-    primary = c2["primary_strategy"]
-    letters = c2["model_letters"]
-    moc_name = next((n for n, a in arms.items() if a["is_moc"]), None)
-    dense_names = [n for n, a in arms.items() if not a["is_moc"]]
-    iso_names = [n for n in dense_names if arms[n]["matches_flops_of"]]
-    same_tokens = [n for n in dense_names if not arms[n]["matches_flops_of"]]
+    sections = [
+        _section_title(results),
+        _section_summary(results),
+        _section_setup(results),
+        _section_claim1(results),
+        _section_claim2(results),
+        _section_scaling(),
+    ]
+    if figure:
+        sections.append(_section_figure())
+    return "\n\n".join(sections) + "\n"
 
-    lines: list[str] = []
-    add = lines.append
-    add("# Results: MoC vs dense, and Kotara fusion vs its parts")
-    add("")
-    add(
+
+def _section_title(results: dict[str, Any]) -> str:
+    wall = results["wall_s"]
+    return (
+        "# Results: MoC vs dense and MoE baselines, its two ablations, and Kotara fusion vs its parts\n\n"
         f"Written by `{results['command']}` (config `{results['config_path']}`), started {results['started_utc']}, "
         f"total wall time {wall['total'] / 60:.1f} min. Every number and verdict below is generated by "
         "`experiments/report.py` from `results.json`; nothing is edited by hand."
     )
-    add("")
 
-    # ---- summary
-    summary = []
-    if moc_name and same_tokens:
-        cmp = compare_arms(arms, moc_name, same_tokens[0])
-        summary.append(_claim1_sentence(moc_name, same_tokens[0], cmp, arms, "at the same tokens"))
-    if moc_name and iso_names:
-        cmp = compare_arms(arms, moc_name, iso_names[0])
-        summary.append(_claim1_sentence(moc_name, iso_names[0], cmp, arms, "at about the same training FLOPs"))
+
+def _section_summary(results: dict[str, Any]) -> str:
+    arms, c2 = results["claim1"]["arms"], results["claim2"]
+    roles = arm_roles(arms)
+    summary = _moc_comparisons(arms)
+    summary += [_ablation_sentence(n, roles["moc"], arms) for n in roles["ablations"] if roles["moc"]]
     mixed = c2["evaluations"].get("mixed")
     if mixed:
-        summary.append("Kotara: " + _fusion_sentence("mixed-domain", mixed, primary, letters))
-    add("## Summary")
-    add("")
-    for s in summary:
-        add(f"- {s}")
-    add("")
+        summary.append(
+            "Kotara: " + _fusion_sentence("mixed-domain", mixed, c2["primary_strategy"], c2["model_letters"])
+        )
+    return "## Summary\n\n" + "\n".join(f"- {s}" for s in summary)
 
-    # ---- setup
-    add("## Setup")
-    add("")
-    add(
-        f"- Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}, "
-        f"GPU: {env['gpu'] or 'none'} ({env['platform']})."
-    )
-    add("- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".")
+
+def _section_setup(results: dict[str, Any]) -> str:
+    env, wall = results["environment"], results["wall_s"]
+    run_threads = results["config"]["train"].get("cpu_threads")
+    threads = f" at start (training runs: `train.cpu_threads` {run_threads})" if run_threads else ""
     changes = {True: " (with uncommitted changes to tracked files)", False: "", None: ""}[env["git_tracked_changes"]]
-    add(f"- Code: git commit `{env['git_commit']}`{changes}.")
-    add(f"- Command: `{results['command']}`")
-    add(
+    cpu = results.get("cpu_s")
+    cpu_text = f"; CPU time {cpu:.0f} s (user + system, this process)" if cpu is not None else ""
+    lines = [
+        "## Setup",
+        "",
+        f"- Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}{threads}, "
+        f"GPU: {env['gpu'] or 'none'} ({env['platform']}).",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+        f"- Code: git commit `{env['git_commit']}`{changes}.",
+        f"- Command: `{results['command']}`",
         f"- Wall time: {wall['total']:.0f} s total (corpus {wall['corpus']:.0f} s, claim 1 {wall['claim1']:.0f} s, "
-        f"claim 2 {wall['claim2']:.0f} s)."
-    )
-    add("")
+        f"claim 2 {wall['claim2']:.0f} s){cpu_text}.",
+    ]
+    return "\n".join(lines)
 
-    # ---- claim 1
-    data = c1["data"]
-    any_arm = next(iter(arms.values()))
-    tokens = any_arm["train_tokens"]
-    add("## Claim 1: collaborating experts vs a dense FFN")
-    add("")
-    add(
+
+def _ffn_cell(arm: dict[str, Any]) -> str:
+    m, kind = arm["model"], ffn_kind(arm)
+    if kind == "dense":
+        return f"dense F={arm['ffn_hidden']}"
+    label = arm.get("ffn_label", "MoC")
+    return f"{label} E={m.get('n_experts')}, k={m.get('top_k')}, F={arm['ffn_hidden']}"
+
+
+def _claim1_table(arms: dict[str, Any]) -> list[str]:
+    lines = [
+        "| arm | FFN | params | active params | fwd FLOPs/token | train FLOPs | val PPL per seed | mean ± std | "
+        "min–max | wall s/run |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name, a in arms.items():
+        per_seed = ", ".join(f"{p:.2f} (s{s})" for p, s in zip(a["val_ppl"], a["seeds"]))
+        std = f" ± {_fmt(a['val_ppl_std'])}" if a["val_ppl_std"] is not None else " (1 seed)"
+        active = a.get("active_parameters", a["parameters"])
+        lines.append(
+            f"| `{name}` | {_ffn_cell(a)} | {a['parameters']:,} | {active:,} | {_si(a['forward_flops_per_token'])} | "
+            f"{_si(a['train_flops_total'])} | {per_seed} | {_fmt(a['val_ppl_mean'])}{std} | "
+            f"{_fmt(a['val_ppl_min'])}–{_fmt(a['val_ppl_max'])} | {_secs(a['wall_s_mean'])} |"
+        )
+    return lines
+
+
+def _iso_flop_notes(arms: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """One paragraph per iso-FLOP arm: how it was widened, and why widening rather than more tokens."""
+    moc = arm_roles(arms)["moc"]
+    notes = []
+    for name, a in arms.items():
+        target = a["matches_flops_of"]
+        if not target or target not in arms:
+            continue
+        t = arms[target]
+        ratio = a["forward_flops_per_token"] / t["forward_flops_per_token"]
+        base = next(
+            (b for b in arms.values() if ffn_kind(b) == ffn_kind(a) and not b["matches_flops_of"]),
+            None,
+        )
+        epochs = (
+            a["train_tokens"] * t["forward_flops_per_token"] / base["forward_flops_per_token"] / data["train_tokens"]
+            if base
+            else float("nan")
+        )
+        what = "the dense FFN is" if ffn_kind(a) == "dense" else "every expert of the MoE (k of them run per token) is"
+        notes.append(
+            f"Iso-FLOP arm `{name}`: {what} widened to F = {a['ffn_hidden']} (FLOPs/token {ratio:.3f} × "
+            f"`{target}`'s), with the same tokens, so its total training FLOPs match `{target}`'s. Widening was "
+            f"chosen over training on more tokens because the corpus is small: matching the FLOPs with tokens would "
+            f"take {epochs:.1f} epochs of it, and the repetition would confound the comparison. The price: "
+            f"`{name}` has {a['parameters']:,} parameters, `{target}` {t['parameters']:,}."
+        )
+    if moc is not None and any(ffn_kind(a) == "moe" for a in arms.values()):
+        notes.append(
+            "The MoE arms route on the token's own hidden state and run only the k chosen experts (sparse "
+            "compute, `moc_kernels.routed_swiglu`); they share MoC's expert weights' names, shapes and "
+            "initialisation, and have no router attention, collaboration or output projection. The ablations "
+            "are MoC with one idea removed (DESIGN §2b): `router_context: false` routes on `s = x`, "
+            "`collaboration: false` combines the raw expert outputs, `(Σ_j w_j S_j) Wo`, so it also removes the "
+            "RMSNorm that step 5 puts between the experts and `Wo` (the README's model section measures what "
+            "that does to the layer's output at initialisation)."
+        )
+    return notes
+
+
+def _claim1_commentary(results: dict[str, Any]) -> list[str]:
+    c1, cfg = results["claim1"], results["config"]
+    arms, data = c1["arms"], c1["data"]
+    roles = arm_roles(arms)
+    moc_name = roles["moc"]
+    moc = arms[moc_name]
+    bullets = _moc_comparisons(arms) + [_ablation_sentence(n, moc_name, arms) for n in roles["ablations"]]
+    dense = next((n for n, _ in roles["same_tokens"] if ffn_kind(arms[n]) == "dense"), None)
+    if dense:
+        base = arms[dense]
+        bullets.append(
+            f"MoC costs {moc['forward_flops_per_token'] / base['forward_flops_per_token']:.2f}× the FLOPs per token "
+            f"of `{dense}` (every expert runs on every token, plus two small attentions) and took "
+            f"{moc['wall_s_mean'] / base['wall_s_mean']:.2f}× its wall time per run on this machine."
+        )
+    walls = ", ".join(f"`{n}` {_secs(a['wall_s_mean'])} s" for n, a in arms.items())
+    bullets.append(f"Wall time per run (mean over seeds, this machine): {walls}.")
+    n_seeds = len(cfg["seeds"])
+    tokens = moc["train_tokens"]
+    bullets.append(
+        f"What would be needed to know more: {n_seeds} seed{'s' if n_seeds > 1 else ''} per arm only bound the "
+        f"spread roughly (5+ would give a usable standard error); these models have ~{_si(moc['parameters'])} "
+        f"parameters and see {_si(tokens)} tokens of a {_si(data['train_tokens'])}-token corpus, far from the "
+        "regime where MoE-style layers are usually compared; a GPU run (below) with a larger model and corpus, "
+        "and learning rates tuned per arm on the validation split, would test the claim at a meaningful scale."
+    )
+    return ["Commentary:", ""] + [f"- {b}" for b in bullets]
+
+
+def _section_claim1(results: dict[str, Any]) -> str:
+    c1 = results["claim1"]
+    arms, data = c1["arms"], c1["data"]
+    tokens = next(iter(arms.values()))["train_tokens"]
+    lines = [
+        "## Claim 1: collaborating experts vs a dense FFN and a standard top-k MoE",
+        "",
         f"Corpus: docstrings of Python's standard library (`model.corpus`), {data['documents']} documents, byte-level "
         f"BPE vocabulary {data['vocab_size']}: {data['train_tokens']:,} training and {data['val_tokens']:,} validation "
         f"tokens (split by a hash of each document). Every run sees {tokens:,} training tokens "
         f"({tokens / data['train_tokens']:.2f} epochs). Validation PPL: the whole validation split in non-overlapping "
         f"windows of `max_seq_len` tokens ({data['val_tokens_scored']:,} tokens scored), at the end of training. "
-        f"Unigram baseline (training token frequencies): PPL {_fmt(data['unigram_val_ppl'])}."
-    )
-    add("")
-    add("| arm | FFN | params | fwd FLOPs/token | train FLOPs | val PPL per seed | mean ± std | min–max | wall s/run |")
-    add("|---|---|---:|---:|---:|---|---:|---:|---:|")
-    for name, a in arms.items():
-        m = a["model"]
-        ffn = (
-            f"MoC E={m.get('n_experts')}, k={m.get('top_k')}, F={a['ffn_hidden']}"
-            if a["is_moc"]
-            else f"dense F={a['ffn_hidden']}"
-        )
-        per_seed = ", ".join(f"{p:.2f} (s{s})" for p, s in zip(a["val_ppl"], a["seeds"]))
-        std = f" ± {_fmt(a['val_ppl_std'])}" if a["val_ppl_std"] is not None else " (1 seed)"
-        add(
-            f"| `{name}` | {ffn} | {a['parameters']:,} | {_si(a['forward_flops_per_token'])} | "
-            f"{_si(a['train_flops_total'])} | {per_seed} | {_fmt(a['val_ppl_mean'])}{std} | "
-            f"{_fmt(a['val_ppl_min'])}–{_fmt(a['val_ppl_max'])} | {a['wall_s_mean']:.0f} |"
-        )
-    add("")
-    add(
+        f"Unigram baseline (training token frequencies): PPL {_fmt(data['unigram_val_ppl'])}.",
+        "",
+        *_claim1_table(arms),
+        "",
         "FLOPs: matrix products, 2 per multiply-add, training = 3 × forward (`model.info.flops_per_token`; the "
-        "iso-FLOP width is solved in `experiments/flops.py`; the count is checked against "
-        "`torch.utils.flop_counter` in `tests/test_experiments.py`)."
-    )
-    add("")
-    if moc_name:
-        moc = arms[moc_name]
-        for iso in iso_names:
-            a = arms[iso]
-            ratio = a["forward_flops_per_token"] / moc["forward_flops_per_token"]
-            base = arms[same_tokens[0]] if same_tokens else None
-            epochs_needed = (
-                tokens * moc["forward_flops_per_token"] / base["forward_flops_per_token"] / data["train_tokens"]
-                if base
-                else float("nan")
-            )
-            add(
-                f"Iso-FLOP arm `{iso}`: the dense FFN is widened to F = {a['ffn_hidden']} (FLOPs/token {ratio:.3f} × "
-                f"MoC's), with the same tokens, so its total training FLOPs match MoC's. Widening was chosen over "
-                f"training the dense baseline on more tokens because the corpus is small: matching MoC's FLOPs with "
-                f"tokens would take {epochs_needed:.1f} epochs of it, and the repetition would confound the "
-                f"comparison. The price: `{iso}` has {a['parameters']:,} parameters, MoC {moc['parameters']:,}."
-            )
-            add("")
-        add("Commentary:")
-        add("")
-        for other, how in [(n, "at the same tokens") for n in same_tokens] + [
-            (n, "at about the same training FLOPs") for n in iso_names
-        ]:
-            add(f"- {_claim1_sentence(moc_name, other, compare_arms(arms, moc_name, other), arms, how)}")
-        if same_tokens:
-            base = arms[same_tokens[0]]
-            add(
-                f"- MoC costs {moc['forward_flops_per_token'] / base['forward_flops_per_token']:.2f}× the FLOPs "
-                "per token "
-                f"of `{same_tokens[0]}` (every expert runs on every token, plus two small attentions) and took "
-                f"{moc['wall_s_mean'] / base['wall_s_mean']:.2f}× its wall time per run on this machine."
-            )
-        n_seeds = len(cfg["seeds"])
-        add(
-            f"- What would be needed to know more: {n_seeds} seed{'s' if n_seeds > 1 else ''} per arm only bound the "
-            f"spread roughly (5+ would give a usable standard error); these models have ~{_si(moc['parameters'])} "
-            f"parameters and see {_si(tokens)} tokens of a {_si(data['train_tokens'])}-token corpus, far from the "
-            "regime where MoE-style layers are usually compared; a GPU run (below) with a larger model and corpus, "
-            "and learning rates tuned per arm on the validation split, would test the claim at a meaningful scale."
-        )
-        add("")
+        "iso-FLOP widths are solved in `experiments/flops.py`; the count is checked against "
+        "`torch.utils.flop_counter` in `tests/test_experiments.py`). Active params: the parameters one token's "
+        "forward uses (an MoE token skips E − k experts).",
+        "",
+    ]
+    for note in _iso_flop_notes(arms, data):
+        lines += [note, ""]
+    if arm_roles(arms)["moc"] is not None:
+        lines += _claim1_commentary(results)
+    return "\n".join(lines).rstrip()
 
-    # ---- claim 2
-    add("## Claim 2: Kotara fusion of two domain models vs each alone")
-    add("")
-    fusion_cfg = cfg["fusion"]
-    add(
-        f"Two `{fusion_cfg['arm']}` models (seed {fusion_cfg['seed']}) train on two groups of standard-library "
-        "modules; "
-        f"one byte-level BPE (vocabulary {cfg['vocab_size']}) is trained on both groups' training modules so the "
-        f"vocabularies match. Held out per domain: the modules whose path hashes below {fusion_cfg['test_fraction']} "
-        "(never seen by the tokenizer or the models). Kotara (`--strategy all`, temperatures 1, equal weights and "
-        "PoE betas: its defaults, nothing tuned) scores the models alone and fused; the primary strategy, "
-        f"`{primary}`, was fixed in the config before the run; the others are reported as exploratory."
-    )
-    add("")
-    add("| model | domain | training modules | held-out modules | train tokens | steps × tokens | own val PPL |")
-    add("|---|---|---:|---|---:|---:|---:|")
-    for letter, name in letters.items():
+
+def _fusion_table(c2: dict[str, Any]) -> list[str]:
+    lines = [
+        "| model | domain | training modules | held-out modules | train tokens | steps × tokens | own val PPL |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for letter, name in c2["model_letters"].items():
         d, m = c2["domains"][name], c2["models"][name]
         held = ", ".join(f"`{p}`" for p in d["test_modules"])
-        add(
+        lines.append(
             _row(
                 letter,
                 name,
@@ -286,70 +420,89 @@ def render_markdown(results: dict[str, Any], figure: bool = True) -> str:
                 _fmt(m["val_ppl"]),
             )
         )
-    add("")
-    add(
+    return lines
+
+
+def _held_out_text_table(label: str, ev: dict[str, Any], primary: str, letters: dict[str, str]) -> list[str]:
+    lines = [
+        f"### Held-out text: {label} ({ev['tokens']:,} tokens, {ev['bytes']:,} bytes)",
+        "",
+        "| | PPL | bits/byte | gain vs best single (nats/token) | mean weights a / b |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    best = min(v["nll_per_token"] for v in ev["models"].values())
+    for letter, v in ev["models"].items():
+        lines.append(
+            _row(
+                f"model {letter} ({letters.get(letter, letter)}) alone",
+                _fmt(v["ppl"]),
+                _fmt(v["bpb"], 4),
+                f"{best - v['nll_per_token']:+.4f}",
+                "",
+            )
+        )
+    for s, v in ev["strategies"].items():
+        mark = "**" if s == primary else ""
+        weights = " / ".join(f"{w:.3f}" for w in v["mean_weights"])
+        lines.append(
+            _row(
+                f"{mark}fused {s}{mark}", _fmt(v["ppl"]), _fmt(v["bpb"], 4), f"{v['gain_nats_per_token']:+.4f}", weights
+            )
+        )
+    sim = ev["similarity"]
+    lines += [
+        "",
+        f"Similarity (Kotara): top-1 agreement {sim['top1_agreement']:.3f}, mean Jensen–Shannon divergence "
+        f"{sim['mean_jsd_nats']:.4f} nats (max ln 2 = 0.693), per-token NLL correlation "
+        f"{_fmt(sim['nll_pearson'], 3)}.",
+        "",
+    ]
+    return lines
+
+
+def _section_claim2(results: dict[str, Any]) -> str:
+    cfg, c2 = results["config"], results["claim2"]
+    primary, letters = c2["primary_strategy"], c2["model_letters"]
+    fusion_cfg = cfg["fusion"]
+    lines = [
+        "## Claim 2: Kotara fusion of two domain models vs each alone",
+        "",
+        f"Two `{fusion_cfg['arm']}` models (seed {fusion_cfg['seed']}) train on two groups of standard-library "
+        f"modules; one byte-level BPE (vocabulary {cfg['vocab_size']}) is trained on both groups' training modules so "
+        f"the vocabularies match. Held out per domain: the modules whose path hashes below "
+        f"{fusion_cfg['test_fraction']} (never seen by the tokenizer or the models). Kotara (`--strategy all`, "
+        "temperatures 1, equal weights and PoE betas: its defaults, nothing tuned) scores the models alone and "
+        f"fused; the primary strategy, `{primary}`, was fixed in the config before the run; the others are reported "
+        "as exploratory.",
+        "",
+        *_fusion_table(c2),
+        "",
         "Domain module lists: "
         + "; ".join(f"**{n}**: {', '.join(d['modules'])}" for n, d in c2["domains"].items())
-        + "."
-    )
-    add("")
+        + ".",
+        "",
+    ]
     for label, ev in c2["evaluations"].items():
-        add(f"### Held-out text: {label} ({ev['tokens']:,} tokens, {ev['bytes']:,} bytes)")
-        add("")
-        add("| | PPL | bits/byte | gain vs best single (nats/token) | mean weights a / b |")
-        add("|---|---:|---:|---:|---:|")
-        best = min(v["nll_per_token"] for v in ev["models"].values())
-        for letter, v in ev["models"].items():
-            add(
-                _row(
-                    f"model {letter} ({letters.get(letter, letter)}) alone",
-                    _fmt(v["ppl"]),
-                    _fmt(v["bpb"], 4),
-                    f"{best - v['nll_per_token']:+.4f}",
-                    "",
-                )
-            )
-        for s, v in ev["strategies"].items():
-            mark = "**" if s == primary else ""
-            weights = " / ".join(f"{w:.3f}" for w in v["mean_weights"])
-            add(
-                _row(
-                    f"{mark}fused {s}{mark}",
-                    _fmt(v["ppl"]),
-                    _fmt(v["bpb"], 4),
-                    f"{v['gain_nats_per_token']:+.4f}",
-                    weights,
-                )
-            )
-        sim = ev["similarity"]
-        add("")
-        add(
-            f"Similarity (Kotara): top-1 agreement {sim['top1_agreement']:.3f}, mean Jensen–Shannon divergence "
-            f"{sim['mean_jsd_nats']:.4f} nats (max ln 2 = 0.693), per-token NLL correlation "
-            f"{_fmt(sim['nll_pearson'], 3)}."
-        )
-        add("")
-    add("Commentary:")
-    add("")
-    for label, ev in c2["evaluations"].items():
-        add("- " + _capitalise(_fusion_sentence(label, ev, primary, letters)))
-    add(
+        lines += _held_out_text_table(label, ev, primary, letters)
+    lines += ["Commentary:", ""]
+    lines += [
+        "- " + _capitalise(_fusion_sentence(label, ev, primary, letters)) for label, ev in c2["evaluations"].items()
+    ]
+    lines += [
         "- Reading: the claim is that fusion helps when the models are similar but not identical. Here they share "
         "architecture, tokenizer and the docstring genre but not the modules; the single-domain texts show how much "
         "fusion costs (or gains) when one model is clearly the right one, the mixed text whether per-token weighting "
-        "finds the right model for each part."
-    )
-    add(
+        "finds the right model for each part.",
         "- What would be needed to know more: more seeds per domain model (here one), larger models and "
         "held-out texts (the held-out sets are a handful of modules), and domains at graded distances to map "
-        "gain against similarity."
-    )
-    add("")
+        "gain against similarity.",
+    ]
+    return "\n".join(lines)
 
-    # ---- scaling and figure
-    add("## Re-running at a larger scale")
-    add("")
-    add(
+
+def _section_scaling() -> str:
+    return (
+        "## Re-running at a larger scale\n\n"
         "`python -m experiments.run --config experiments/configs/gpu.yaml` runs the same protocol on a GPU "
         "(`train.device: cuda`, `train.dtype: bfloat16`, Triton kernels through `model.kernels: auto`). The keys "
         "that set the scale: `train.model` (`d_model`, `n_layers`, `n_heads`, `max_seq_len`, `n_experts`, `top_k`), "
@@ -358,105 +511,31 @@ def render_markdown(results: dict[str, Any], figure: bool = True) -> str:
         "`fusion.kotara` (`max_length`, `stride`, `batch_size`, `device`). Results go to `results_dir` "
         "(`experiments/gpu/` for that config), so the CPU results here are not overwritten."
     )
-    if figure:
-        add("")
-        add("## Figure")
-        add("")
-        add(f"![validation curves, final PPL per arm and seed, Kotara gains]({RESULTS_PNG})")
-        add("")
-        add(
-            "Left: validation loss during training (mean over seeds; thin lines: each seed). Middle: final validation "
-            "PPL per arm, one dot per seed, bar = mean. Right: gain over the best single model on each held-out text "
-            "(nats/token, above 0 = better than both models alone)."
-        )
-    add("")
-    return "\n".join(lines)
+
+
+def _section_figure() -> str:
+    return (
+        "## Figure\n\n"
+        f"![validation curves, final PPL per arm and seed, Kotara gains]({RESULTS_PNG})\n\n"
+        "Left: validation loss during training (mean over seeds; thin lines: each seed). Middle: final validation "
+        "PPL per arm, one dot per seed, bar = mean. Right: gain over the best single model on each held-out text "
+        "(nats/token, above 0 = better than both models alone)."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
-# Figure
+# Files
 
 
-def render_png(results: dict[str, Any], path: Path) -> Path:
-    """Three panels: validation curves, final PPL per arm and seed, Kotara gains per text."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c1, c2 = results["claim1"], results["claim2"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-    ax = axes[0]
-    for i, name in enumerate(c1["arms"]):
-        runs = [r for r in c1["runs"] if r["arm"] == name]
-        for r in runs:
-            steps, losses = zip(*r["val_curve"])
-            ax.plot(steps, losses, color=colors[i % len(colors)], alpha=0.3, lw=0.8)
-        curves = [dict(map(tuple, r["val_curve"])) for r in runs]
-        common = sorted(set.intersection(*(set(c) for c in curves)))
-        ax.plot(
-            common,
-            [sum(c[s] for c in curves) / len(curves) for s in common],
-            color=colors[i % len(colors)],
-            label=name,
-            lw=2,
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("claim 1: validation loss")
-    ax.legend()
-
-    ax = axes[1]
-    names = list(c1["arms"])
-    for i, name in enumerate(names):
-        a = c1["arms"][name]
-        ax.bar(i, a["val_ppl_mean"], color=colors[i % len(colors)], alpha=0.4)
-        ax.scatter([i] * len(a["val_ppl"]), a["val_ppl"], color=colors[i % len(colors)], zorder=3)
-    ax.set_xticks(range(len(names)), names)
-    lo = min(min(a["val_ppl"]) for a in c1["arms"].values())
-    hi = max(max(a["val_ppl"]) for a in c1["arms"].values())
-    ax.set_ylim(max(0.0, lo - 0.6 * (hi - lo + 1e-9) - 0.5), hi + 0.3 * (hi - lo + 1e-9) + 0.5)
-    ax.set_ylabel("validation PPL (lower is better)")
-    ax.set_title("claim 1: final validation PPL (dots: seeds)")
-
-    ax = axes[2]
-    labels = list(c2["evaluations"])
-    first = c2["evaluations"][labels[0]]
-    series = [f"model {m}" for m in first["models"]] + [f"fused {s}" for s in first["strategies"]]
-    width = 0.8 / len(series)
-    for j, label in enumerate(labels):
-        ev = c2["evaluations"][label]
-        best = min(v["nll_per_token"] for v in ev["models"].values())
-        gains = [best - v["nll_per_token"] for v in ev["models"].values()]
-        gains += [v["gain_nats_per_token"] for v in ev["strategies"].values()]
-        for k, g in enumerate(gains):
-            ax.bar(
-                j + (k - len(series) / 2 + 0.5) * width,
-                g,
-                width,
-                color=colors[k % len(colors)],
-                label=series[k] if j == 0 else None,
-            )
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(labels)), [f"{lab} text" for lab in labels])
-    ax.set_ylabel("gain vs best single model (nats/token)")
-    ax.set_title(f"claim 2: Kotara on held-out text ({', '.join(f'{k}={v}' for k, v in c2['model_letters'].items())})")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(results: dict[str, Any], results_dir: str | Path) -> list[Path]:
+def write_report(results: dict[str, Any], results_dir: str | Path, write_json: bool = True) -> list[Path]:
     """Write results.json, RESULTS.md and results.png into ``results_dir``; returns their paths."""
+    from experiments.figure import render_png
+
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / RESULTS_JSON
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    if write_json:
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
     try:
         png = render_png(results, out / RESULTS_PNG)
     except ImportError:  # matplotlib is optional: the tables say everything the figure shows
@@ -464,4 +543,27 @@ def write_report(results: dict[str, Any], results_dir: str | Path) -> list[Path]
         print("experiments: matplotlib is not installed: no results.png (RESULTS.md has the tables)", file=sys.stderr)
     md = out / RESULTS_MD
     md.write_text(render_markdown(results, figure=png is not None))
-    return [md, json_path] + ([png] if png is not None else [])
+    return [md] + ([json_path] if write_json else []) + ([png] if png is not None else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.report RESULTS_JSON``: rewrite RESULTS.md and results.png next to it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Rewrite RESULTS.md and results.png from a results.json written by python -m experiments.run.",
+    )
+    parser.add_argument("results_json", help="path of a results.json")
+    args = parser.parse_args(argv)
+    path = Path(args.results_json)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"experiments.report: error: cannot read {str(path)!r}: {e}", file=sys.stderr)
+        return 2
+    for written in write_report(results, path.parent, write_json=False):
+        print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ from moc_kernels.ops import (
     fused_log_probs,
     fused_logit_nll,
     fused_logit_nll_multi,
+    routed_swiglu,
     small_attention,
     topk_gather,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "fused_logit_nll",
     "fused_logit_nll_multi",
     "get_backend",
+    "routed_swiglu",
     "set_backend",
     "small_attention",
     "topk_gather",

@@ -50,6 +50,39 @@ def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch
     return _implementation("expert_swiglu", x.device)(x, w1, w3, w2)
 
 
+def routed_swiglu(
+    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Each token's k routed experts' SwiGLU: x [N, D], idx [N, k] int64 in [0, E), w1/w3 [E, D, F],
+    w2 [E, F, D] -> Y [N, k, D].
+
+    ``Y[n, j] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` with ``e = idx[n, j]``: k/E of
+    ``expert_swiglu``'s FLOPs. fp32|bf16|fp16, fp32 accumulation, output in x's dtype; w1 and w3 may
+    be views of one packed [E, D, 2F] tensor. An expert repeated within a row is computed again for
+    that slot (gradients add up). Differentiable in x, w1, w3, w2.
+    """
+    _require(x.dim() == 2, f"routed_swiglu: x must be [N, D], got shape {tuple(x.shape)}")
+    _require(
+        idx.dim() == 2 and idx.shape[0] == x.shape[0],
+        f"routed_swiglu: idx must be [N, k] with N={x.shape[0]}, got {tuple(idx.shape)}",
+    )
+    _require(idx.dtype == torch.int64, f"routed_swiglu: idx must be int64, got {idx.dtype}")
+    _require(
+        w1.dim() == 3 and w1.shape == w3.shape,
+        f"routed_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
+    )
+    num_experts, dim, hidden = w1.shape
+    _require(x.shape[1] == dim, f"routed_swiglu: x has D={x.shape[1]} but w1 expects D={dim}")
+    _require(
+        tuple(w2.shape) == (num_experts, hidden, dim),
+        f"routed_swiglu: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
+    )
+    _require(x.dtype in FLOAT_DTYPES, f"routed_swiglu: unsupported dtype {x.dtype}")
+    # Out-of-range indices would read other experts' weights: check on the device (no host sync).
+    torch._assert_async(((idx >= 0) & (idx < num_experts)).all(), f"routed_swiglu: idx outside [0, E={num_experts})")
+    return _implementation("routed_swiglu", x.device)(x, idx, w1, w3, w2)
+
+
 def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Selected experts' outputs: y [N, E, D], idx [N, k] int64 in [0, E) -> [N, k, D].
 

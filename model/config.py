@@ -13,14 +13,18 @@ from typing import Any
 # checks it equals moc_kernels.BACKENDS.
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 FFN_HIDDEN_RULES = ("design", "original")
+FFN_KINDS = ("moc", "moe")  # the expert layer when n_experts > 0: MoC (DESIGN §2) or top-k MoE (§2b)
+# MoC-only switches (DESIGN §2b): setting one to false on a dense or MoE model is an error, not a no-op.
+MOC_ABLATIONS = ("router_context", "collaboration")
 
 
 @dataclass
 class ModelConfig:
     """LunarisCodex-MoC hyper-parameters.
 
-    ``n_experts`` 0 or None gives the dense SwiGLU baseline; otherwise every FFN is a Mixture of
-    Collaborative Experts layer with ``n_experts`` experts, ``top_k`` of them combined per token.
+    ``n_experts`` 0 or None gives the dense SwiGLU baseline; otherwise every FFN is an expert layer
+    with ``n_experts`` experts, ``top_k`` of them combined per token: a Mixture of Collaborative
+    Experts (``ffn: moc``, the default) or the standard top-k MoE baseline (``ffn: moe``).
     """
 
     d_model: int = 768
@@ -46,6 +50,10 @@ class ModelConfig:
     norm_eps: float = 1e-6  # epsilon of every RMSNorm (the original code: 1e-5)
     moc_attn_bias: bool = False  # biases on q/k/v/o of the router and collab attentions (the original: True)
     ffn_hidden_rule: str = "design"  # expert/dense FFN width F: "design" (DESIGN §2) | "original" (see ffn_hidden)
+    # The baselines MoC is judged against (DESIGN §2b). The defaults are MoC as it always was.
+    ffn: str = "moc"  # expert layer when n_experts > 0: "moc" | "moe" (standard top-k MoE, sparse compute)
+    router_context: bool = True  # MoC only: false routes on the token itself (s = x), not the E-output attention
+    collaboration: bool = True  # MoC only: false skips the collab attention/FFN: out = (sum_j w_j S_j) Wo
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -70,9 +78,33 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @property
-    def is_moc(self) -> bool:
-        """True when the FFNs are MoC layers, False for the dense SwiGLU baseline."""
+    def has_experts(self) -> bool:
+        """True when the FFNs are expert layers (MoC or MoE), False for the dense SwiGLU baseline."""
         return bool(self.n_experts)
+
+    @property
+    def is_moc(self) -> bool:
+        """True when the FFNs are MoC layers (``ffn: moc`` with experts)."""
+        return self.has_experts and self.ffn == "moc"
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the FFNs are standard top-k MoE layers (``ffn: moe`` with experts)."""
+        return self.has_experts and self.ffn == "moe"
+
+    @property
+    def ffn_label(self) -> str:
+        """Short human name of the FFN kind: "dense", "MoE", "MoC" or "MoC (no router context, ...)"."""
+        if not self.has_experts:
+            return "dense"
+        if self.is_moe:
+            return "MoE"
+        off = [name.replace("_", " ") for name in MOC_ABLATIONS if not getattr(self, name)]
+        return f"MoC (no {', no '.join(off)})" if off else "MoC"
+
+    def dense_baseline(self) -> ModelConfig:
+        """This config with the dense SwiGLU FFN of the same width F (``n_experts: 0``, switches at their defaults)."""
+        return dataclasses.replace(self, n_experts=0, ffn="moc", router_context=True, collaboration=True)
 
     @property
     def kv_heads(self) -> int:
@@ -154,8 +186,29 @@ class ModelConfig:
             )
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"model key 'kernels' must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}")
-        if self.is_moc:
-            if self.top_k > self.n_experts:
-                raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
-            if self.d_model % self.collab_heads:
-                raise ValueError(f"d_model={self.d_model} must be divisible by moc_heads={self.collab_heads}")
+        self._validate_ffn_kind()
+        if self.has_experts and self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
+        if self.is_moc and self.d_model % self.collab_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by moc_heads={self.collab_heads}")
+
+    def _validate_ffn_kind(self) -> None:
+        """``ffn`` is a known kind, needs experts for moe, and the MoC switches are off only on MoC."""
+        if self.ffn not in FFN_KINDS:
+            close = difflib.get_close_matches(str(self.ffn), FFN_KINDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model key 'ffn' must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}{hint}")
+        if self.ffn == "moe" and not self.has_experts:
+            raise ValueError(
+                f"ffn: moe needs n_experts >= 1, got n_experts={self.n_experts!r} (n_experts 0 is the dense model)"
+            )
+        for name in MOC_ABLATIONS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"model key {name!r} must be true or false, got {value!r}")
+            if not value and not self.is_moc:
+                kind = "an MoE" if self.is_moe else "a dense"
+                raise ValueError(
+                    f"model key {name!r} is a MoC ablation; it cannot be false on {kind} model "
+                    f"(n_experts={self.n_experts!r}, ffn={self.ffn!r})"
+                )

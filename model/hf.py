@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from model.layers import RMSNorm, rope_tables
 from model.lm import IGNORE_INDEX, LunarisLM
 from model.moc import CollaborativeExpertsModule
+from model.moe import TopKMoEModule
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as hf_init
@@ -99,10 +100,11 @@ class LunarisPreTrainedModel(PreTrainedModel):
                 hf_init.ones_(sub.weight)
         for block in module.layers:
             hf_init.normal_(block.attention.wo.weight, 0.0, residual_std)
-            if isinstance(block.ffn, CollaborativeExpertsModule):
+            if isinstance(block.ffn, (CollaborativeExpertsModule, TopKMoEModule)):
                 hf_init.normal_(block.ffn.w13, 0.0, std)
                 hf_init.normal_(block.ffn.w2, 0.0, residual_std)
-                hf_init.normal_(block.ffn.out_proj.weight, 0.0, residual_std)
+                if isinstance(block.ffn, CollaborativeExpertsModule):
+                    hf_init.normal_(block.ffn.out_proj.weight, 0.0, residual_std)
             else:
                 hf_init.normal_(block.ffn.w2.weight, 0.0, residual_std)
 
@@ -173,7 +175,7 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
 # ---------------------------------------------------------------------------------------------
 
 # Modules whose code makes up the exported modeling file, in dependency order.
-_EXPORTED_MODULES = ("model.config", "model.layers", "model.moc", "model.lm", "model.hf")
+_EXPORTED_MODULES = ("model.config", "model.layers", "model.moc", "model.moe", "model.lm", "model.hf")
 # Top-level names of those modules that stay out of the exported file (export-time only).
 _NOT_EXPORTED = {
     "export_hf",
@@ -235,17 +237,17 @@ def _module_body(module_name: str) -> str:
 
 def modeling_source() -> str:
     """The self-contained modeling file written next to an exported model."""
-    from moc_kernels.reference import expert_swiglu, small_attention, topk_gather
+    from moc_kernels.reference import expert_swiglu, routed_swiglu, small_attention, topk_gather
 
     fallback = [
         "# ---- fallback: moc_kernels.reference, used when the package is absent ----",
-        *(inspect.getsource(fn) for fn in (expert_swiglu, small_attention, topk_gather)),
+        *(inspect.getsource(fn) for fn in (expert_swiglu, routed_swiglu, small_attention, topk_gather)),
         "if mk is None:",
         "    mk = types.SimpleNamespace(",
         "        expert_swiglu=expert_swiglu,",
+        "        routed_swiglu=routed_swiglu,",
         "        small_attention=small_attention,",
-        "        topk_gather=topk_gather,",
-        "        use_backend=lambda name: contextlib.nullcontext(),",
+        "        topk_gather=topk_gather,        use_backend=lambda name: contextlib.nullcontext(),",
         "    )",
         "",
     ]

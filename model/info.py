@@ -1,10 +1,12 @@
 """``python -m model.info CONFIG.yaml``: parameters, FLOPs and activation memory per token of a config.
 
-Prints the MoC model next to the dense baseline of the same width (same config, ``n_experts: 0``):
+Prints the model next to the dense baseline of the same width (same config, ``n_experts: 0``):
 the MoC layer runs every expert on every token, so its FFN costs about E dense FFNs in FLOPs and
-far more in activations. Users should see that before they train.
+far more in activations; the top-k MoE layer (``ffn: moe``) runs k of them, so it holds E experts'
+parameters but uses (is "active" on) k per token. Users should see that before they train.
 
 * parameters: counted exactly on a model built on the meta device (no memory, no init cost);
+  active parameters per token: all of them, less the (E - k) experts an MoE token does not run;
 * FLOPs/token: matrix-multiply FLOPs (2 per multiply-add) of the forward pass, analytically;
   attention over a causal context averages (seq_len + 1) / 2 keys per query; training = 3x forward;
 * activation bytes/token: measured, not modelled: the bytes of every tensor autograd saves for
@@ -36,19 +38,20 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> dict[str
     kv_dim = config.kv_heads * config.head_dim
     context = (seq_len + 1) / 2  # mean number of keys a causal query sees
     attention = 2 * dim * (2 * dim + 2 * kv_dim) + 2 * 2 * context * dim  # q,o + k,v projections; QK^T and AV
+    experts, k = config.n_experts, config.top_k
     if config.is_moc:
-        experts, k = config.n_experts, config.top_k
-        ffn = (
-            2 * 3 * dim * hidden * experts  # every expert's SwiGLU on every token
-            + 2 * 4 * dim * dim * experts  # router attention q/k/v/o over the E expert outputs
-            + 2 * 2 * experts * experts * dim  # router attention scores and values (L = E)
-            + 2 * dim * experts  # gate
-            + 2 * 4 * dim * dim * k  # collab attention q/k/v/o over the k selected
-            + 2 * 2 * k * k * dim  # collab attention scores and values (L = k)
-            + 2 * 4 * dim * dim * k  # refinement FFN D -> 2D -> D on each of the k
-            + 2 * k * dim  # weighted combination
-            + 2 * dim * dim  # output projection
-        )
+        ffn = 2 * 3 * dim * hidden * experts  # every expert's SwiGLU on every token
+        if config.router_context:
+            ffn += 2 * 4 * dim * dim * experts  # router attention q/k/v/o over the E expert outputs
+            ffn += 2 * 2 * experts * experts * dim  # router attention scores and values (L = E)
+        ffn += 2 * dim * experts  # gate
+        if config.collaboration:
+            ffn += 2 * 4 * dim * dim * k  # collab attention q/k/v/o over the k selected
+            ffn += 2 * 2 * k * k * dim  # collab attention scores and values (L = k)
+            ffn += 2 * 4 * dim * dim * k  # refinement FFN D -> 2D -> D on each of the k
+        ffn += 2 * k * dim + 2 * dim * dim  # weighted combination, output projection
+    elif config.is_moe:
+        ffn = 2 * 3 * dim * hidden * k + 2 * dim * experts + 2 * k * dim  # k experts' SwiGLU, gate, combination
     else:
         ffn = 2 * 3 * dim * hidden
     lm_head = 2 * dim * config.vocab_size
@@ -64,6 +67,15 @@ def _meta_model(config: ModelConfig, dtype: torch.dtype) -> LunarisLM:
 def count_parameters(config: ModelConfig) -> int:
     """Exact number of distinct parameters (tied embedding once), without allocating them."""
     return _meta_model(config, torch.float32).num_parameters()
+
+
+def active_parameters(config: ModelConfig) -> int:
+    """Parameters a token's forward uses: all of them, less the (E - k) experts per MoE layer it skips."""
+    total = count_parameters(config)
+    if not config.is_moe:
+        return total
+    skipped_per_layer = (config.n_experts - config.top_k) * 3 * config.d_model * config.ffn_hidden
+    return total - config.n_layers * skipped_per_layer
 
 
 def activation_bytes_per_token(config: ModelConfig, seq_len: int | None = None, dtype: str = "bf16") -> float:
@@ -93,12 +105,12 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int | None = None, 
 def summarize(config: ModelConfig, seq_len: int | None = None, dtype: str = "bf16") -> dict[str, Any]:
     """Figures for ``config`` and its dense baseline (same config with n_experts = 0)."""
     seq_len = seq_len or config.max_seq_len
-    dense = replace(config, n_experts=0)
     rows: dict[str, Any] = {"seq_len": seq_len, "dtype": dtype}
-    for name, cfg in (("model", config), ("dense", dense)):
+    for name, cfg in (("model", config), ("dense", config.dense_baseline())):
         flops = flops_per_token(cfg, seq_len)
         rows[name] = {
             "parameters": count_parameters(cfg),
+            "active_parameters": active_parameters(cfg),
             "ffn_flops_per_token": flops["ffn"],
             "flops_per_token_forward": flops["total"],
             "flops_per_token_training": 3 * flops["total"],
@@ -115,7 +127,7 @@ def _human(value: float, unit: str) -> str:
 
 
 def format_summary(config: ModelConfig, rows: dict[str, Any]) -> str:
-    kind = f"MoC E={config.n_experts} k={config.top_k}" if config.is_moc else "dense SwiGLU"
+    kind = f"{config.ffn_label} E={config.n_experts} k={config.top_k}" if config.has_experts else "dense SwiGLU"
     lines = [
         f"LunarisCodex-MoC  d_model={config.d_model} n_layers={config.n_layers} n_heads={config.n_heads} "
         f"n_kv_heads={config.kv_heads} F={config.ffn_hidden} V={config.vocab_size}  ffn: {kind}",
@@ -124,6 +136,7 @@ def format_summary(config: ModelConfig, rows: dict[str, Any]) -> str:
     ]
     fields = (
         ("parameters", "parameters", ""),
+        ("active parameters/token", "active_parameters", ""),
         ("FFN FLOPs/token (fwd)", "ffn_flops_per_token", "FLOP"),
         ("FLOPs/token forward", "flops_per_token_forward", "FLOP"),
         ("FLOPs/token training (3x)", "flops_per_token_training", "FLOP"),
@@ -137,6 +150,11 @@ def format_summary(config: ModelConfig, rows: dict[str, Any]) -> str:
         lines.append(
             f"note: MoC runs all {config.n_experts} experts on every token, so its FFN costs about "
             f"{config.n_experts}x a dense FFN (plus router/collab attention), whatever top_k is."
+        )
+    if config.is_moe:
+        lines.append(
+            f"note: MoE runs {config.top_k} of its {config.n_experts} experts on each token, so its FFN costs "
+            f"about {config.top_k}x a dense FFN while holding {config.n_experts} experts' parameters."
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""LunarisCodex-MoC: a Llama-style decoder whose FFNs are MoC layers (or dense SwiGLU for the baseline)."""
+"""LunarisCodex-MoC: a Llama-style decoder whose FFNs are MoC layers (or top-k MoE or dense SwiGLU baselines)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import moc_kernels as mk
 from model.config import ModelConfig
 from model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
 from model.moc import CollaborativeExpertsModule
+from model.moe import TopKMoEModule
 
 IGNORE_INDEX = -100
 
@@ -21,25 +22,36 @@ class LMOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
     loss: torch.Tensor | None  # main cross-entropy (ignore_index -100), excludes aux; None without targets
     aux_loss: torch.Tensor  # scalar: sum over layers of aux_loss_weight*(balance_coef*L_bal + diversity_coef*L_div)
-    stats: dict[str, torch.Tensor]  # detached device tensors, keys f"layer{i}/..." (empty for the dense model)
+    # detached device tensors, keys f"layer{i}/..." (empty for the dense model; no collab_entropy for MoE or
+    # collaboration: false)
+    stats: dict[str, torch.Tensor]
+
+
+def ffn_module(config: ModelConfig) -> nn.Module:
+    """The FFN of every block: MoC (``ffn: moc``), top-k MoE (``ffn: moe``) or dense SwiGLU (no experts)."""
+    if config.is_moc:
+        return CollaborativeExpertsModule(config)
+    if config.is_moe:
+        return TopKMoEModule(config)
+    return SwiGLU(config)
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: x + Attn(norm(x)), then + FFN(norm(x)) with FFN = MoC or SwiGLU."""
+    """Pre-norm decoder block: x + Attn(norm(x)), then + FFN(norm(x)) with FFN = MoC, MoE or SwiGLU."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn: nn.Module = CollaborativeExpertsModule(config) if config.is_moc else SwiGLU(config)
+        self.ffn: nn.Module = ffn_module(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None):
-        """x: [B, T, D] -> (x [B, T, D], MoCOutput or None)."""
+        """x: [B, T, D] -> (x [B, T, D], MoCOutput or None for the dense FFN)."""
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, kv_cache))
         ffn_out = self.ffn(self.ffn_norm(x))
-        if isinstance(ffn_out, tuple):  # MoCOutput
+        if isinstance(ffn_out, tuple):  # MoCOutput (MoC or MoE)
             return x + self.dropout(ffn_out.out), ffn_out
         return x + self.dropout(ffn_out), None
 
@@ -77,10 +89,11 @@ class LunarisLM(nn.Module):
                 nn.init.ones_(module.weight)
         for block in self.layers:
             nn.init.normal_(block.attention.wo.weight, 0.0, residual_std)
-            if isinstance(block.ffn, CollaborativeExpertsModule):
+            if isinstance(block.ffn, (CollaborativeExpertsModule, TopKMoEModule)):
                 nn.init.normal_(block.ffn.w13, 0.0, std)
                 nn.init.normal_(block.ffn.w2, 0.0, residual_std)
-                nn.init.normal_(block.ffn.out_proj.weight, 0.0, residual_std)
+                if isinstance(block.ffn, CollaborativeExpertsModule):
+                    nn.init.normal_(block.ffn.out_proj.weight, 0.0, residual_std)
             else:
                 nn.init.normal_(block.ffn.w2.weight, 0.0, residual_std)
 
@@ -124,9 +137,10 @@ class LunarisLM(nn.Module):
                     )
                     stats[f"layer{i}/expert_load"] = moc.expert_load
                     stats[f"layer{i}/router_entropy"] = moc.router_entropy
-                    stats[f"layer{i}/collab_entropy"] = moc.collab_entropy
                     stats[f"layer{i}/balance_loss"] = moc.balance_loss.detach()
-                    stats[f"layer{i}/diversity_loss"] = moc.diversity_loss.detach()
+                    if moc.collab_entropy is not None:  # only layers that collaborate have these two
+                        stats[f"layer{i}/collab_entropy"] = moc.collab_entropy
+                        stats[f"layer{i}/diversity_loss"] = moc.diversity_loss.detach()
             logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

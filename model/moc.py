@@ -24,7 +24,9 @@ class MoCOutput(NamedTuple):
     diversity_loss: torch.Tensor  # scalar fp32, L_div in [-1, 0] (0 for k = 1)
     expert_load: torch.Tensor  # [E] fp32, f_e: fraction of the N*k assignments that chose e (detached)
     router_entropy: torch.Tensor  # scalar fp32, mean entropy (nats) of p = softmax(r) (detached)
-    collab_entropy: torch.Tensor  # scalar fp32, mean entropy (nats) of the collab attention rows (detached)
+    # scalar fp32, mean entropy (nats) of the collab attention rows (detached); None without collaboration
+    # (collaboration: false, or the MoE layer of model.moe)
+    collab_entropy: torch.Tensor | None
 
 
 def expert_fractions(top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -60,6 +62,19 @@ def normalised_diversity_loss(collab_entropy: torch.Tensor, k: int) -> torch.Ten
     return collab_entropy.float().sum() * 0.0
 
 
+def autocast_operands(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` cast to the autocast dtype when autocast is on for ``device_type``, else unchanged.
+
+    The kernels are custom ops that autocast does not know: the expert layers cast by hand, as
+    autocast would for a matmul, so the expert pass (most of the layer's FLOPs) runs in bf16/fp16.
+    The meta device (model.info) has no autocast state to ask.
+    """
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 class SmallMHA(nn.Module):
     """Multi-head self-attention among the L vectors of each token (its own q/k/v/o projections).
 
@@ -89,6 +104,9 @@ class CollaborativeExpertsModule(nn.Module):
 
     Parameters: ``w13`` [E, D, 2F] packs the gate (w1 = w13[..., :F]) and up (w3 = w13[..., F:])
     projections so one tensor feeds both (the kernel takes the two views), ``w2`` [E, F, D].
+    The ablations of DESIGN §2b drop the modules they do not use (so DDP sees no unused parameter
+    and the parameter count is honest): ``router_context: false`` has no ``router_attn``/``router_norm``,
+    ``collaboration: false`` no ``collab_attn``/``collab_norm``/``collab_ffn``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -98,12 +116,15 @@ class CollaborativeExpertsModule(nn.Module):
         self.temperature = config.router_temperature
         self.w13 = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
-        self.router_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
-        self.router_norm = RMSNorm(dim, config.norm_eps)
+        self.router_context, self.collaboration = config.router_context, config.collaboration
+        if self.router_context:
+            self.router_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
+            self.router_norm = RMSNorm(dim, config.norm_eps)
         self.gate = nn.Linear(dim, experts, bias=True)
-        self.collab_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
-        self.collab_norm = RMSNorm(dim, config.norm_eps)
-        self.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        if self.collaboration:
+            self.collab_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
+            self.collab_norm = RMSNorm(dim, config.norm_eps)
+            self.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> MoCOutput:
@@ -113,17 +134,16 @@ class CollaborativeExpertsModule(nn.Module):
         k = self.top_k
 
         # 1. every expert on every token: [N, E, D]
-        w13, w2 = self.w13, self.w2
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: model.info
-            # The kernels are custom ops that autocast does not know: cast by hand, as autocast would
-            # for a matmul, so the E-expert pass (most of the layer's FLOPs) runs in bf16/fp16.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            tokens, w13, w2 = tokens.to(dtype), w13.to(dtype), w2.to(dtype)
+        tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
         expert_outputs = mk.expert_swiglu(tokens, w13[..., : self.hidden], w13[..., self.hidden :], w2)
 
         # 2. router contextualised by attention among the E expert outputs of each token
-        router_context, _ = self.router_attn(expert_outputs)
-        summary = self.router_norm(router_context + expert_outputs).mean(dim=1)  # [N, D]
+        # (router_context: false routes on the token itself, s = x, as a standard MoE router does)
+        if self.router_context:
+            attended, _ = self.router_attn(expert_outputs)
+            summary = self.router_norm(attended + expert_outputs).mean(dim=1)  # [N, D]
+        else:
+            summary = x.reshape(batch * seq, dim)
         route_logits = self.gate(summary).float() / self.temperature  # [N, E] fp32: softmax/top-k precision
 
         # 3. top-k; w renormalises over the chosen k, p (all E) feeds the balance loss
@@ -133,10 +153,17 @@ class CollaborativeExpertsModule(nn.Module):
         probs = log_probs.exp()
 
         # 4-5. the k chosen raw outputs attend to each other, then refine
+        # (collaboration: false combines the raw outputs S_j: no collab attention, FFN or diversity loss)
         selected = mk.topk_gather(expert_outputs, top_idx)  # [N, k, D]
-        collab_context, collab_entropy = self.collab_attn(selected)  # entropy [N, H, k]
-        refined = self.collab_norm(collab_context + selected)
-        refined = refined + self.collab_ffn(refined)
+        if self.collaboration:
+            collab_context, collab_entropy = self.collab_attn(selected)  # entropy [N, H, k]
+            refined = self.collab_norm(collab_context + selected)
+            refined = refined + self.collab_ffn(refined)
+            diversity_loss = normalised_diversity_loss(collab_entropy, k)
+            mean_collab_entropy = collab_entropy.float().mean().detach()
+        else:
+            refined, mean_collab_entropy = selected, None
+            diversity_loss = route_logits.new_zeros(())
 
         # 6. weighted combination of the k refined outputs, then the output projection
         combined = (top_weights.unsqueeze(-1) * refined.float()).sum(dim=1).to(x.dtype)
@@ -145,13 +172,7 @@ class CollaborativeExpertsModule(nn.Module):
         # 7. auxiliary losses and stats
         expert_load = expert_fractions(top_idx, self.num_experts)
         balance_loss = switch_balance_loss(expert_load, probs)
-        diversity_loss = normalised_diversity_loss(collab_entropy, k)
         router_entropy = -(probs * log_probs).sum(dim=-1).mean()
         return MoCOutput(
-            out,
-            balance_loss,
-            diversity_loss,
-            expert_load.detach(),
-            router_entropy.detach(),
-            collab_entropy.float().mean().detach(),
+            out, balance_loss, diversity_loss, expert_load.detach(), router_entropy.detach(), mean_collab_entropy
         )

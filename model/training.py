@@ -213,7 +213,7 @@ def _describe(run: Run) -> float | None:
     data, say = run.data, run.dist.say
     unigram = data.unigram_loss() if run.dist.is_main else None
     say(
-        f"[train] {run.raw_model.num_parameters():,} parameters ({'MoC' if run.model_cfg.is_moc else 'dense'}), "
+        f"[train] {run.raw_model.num_parameters():,} parameters ({run.model_cfg.ffn_label}), "
         f"device {run.device}, {str(run.amp_dtype).replace('torch.', '')}, world {run.dist.world_size}, "
         f"{run.tokens_per_step:,} tokens/step, {run.cfg.max_steps} steps; data {data.tokens('train'):,} train / "
         f"{data.tokens('val'):,} val tokens"

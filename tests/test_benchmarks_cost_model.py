@@ -50,6 +50,33 @@ def test_kernel_forward_flops_equal_the_reference_matrix_products():
     assert kernel == _reference_flops(reference.small_attention, q, q, q)
 
 
+def test_routed_swiglu_does_k_over_e_of_expert_swiglus_work(rows):
+    """The top-k MoE's experts: kernel FLOPs k/E of the all-expert pass's forward, and the kernel
+    design's FLOPs equal the reference's counted ones (the backward does not recompute G and U)."""
+    routed = {r.pass_: r for r in rows if r.op == "routed_swiglu"}
+    assert set(routed) == {"fwd", "fwd+bwd"}
+    all_experts = cost_model.kernel_costs("expert_swiglu", TINY)["fwd"][0]
+    assert routed["fwd"].kernel_flops == TINY.top_k / TINY.experts * all_experts
+    for r in routed.values():
+        assert r.kernel_flops == r.reference_flops, r
+
+
+def test_routed_reference_counts_extrapolate_exactly():
+    """routed_rows measures the reference at two token counts and extrapolates; at a third count the
+    extrapolation equals a direct measurement (the counts are affine in N under balanced routing)."""
+    tokens = 3 * cost_model.ROUTED_TOKENS[1]
+    shape = TINY.with_tokens(tokens)
+    extrapolated = {r.pass_: (r.reference_flops, r.reference_bytes) for r in cost_model.routed_rows(shape)}
+    x = torch.randn(tokens, shape.dim, dtype=shape.dtype, requires_grad=True)
+    w13 = torch.randn(shape.experts, shape.dim, 2 * shape.hidden, dtype=shape.dtype, requires_grad=True)
+    w2 = torch.randn(shape.experts, shape.hidden, shape.dim, dtype=shape.dtype, requires_grad=True)
+    idx = (torch.arange(tokens * shape.top_k) % shape.experts).view(tokens, shape.top_k)
+    inputs = (x, idx, *w13.split(shape.hidden, dim=-1), w2)
+    assert extrapolated["fwd"] == cost_model.measure_reference(reference.routed_swiglu, *inputs)
+    dy = torch.randn(tokens, shape.top_k, shape.dim, dtype=shape.dtype)
+    assert extrapolated["fwd+bwd"] == cost_model.measure_reference(reference.routed_swiglu, *inputs, grads=(dy,))
+
+
 def test_kernel_design_moves_fewer_bytes_than_the_reference(rows):
     assert {r.op for r in rows} >= {"expert_swiglu", "topk_gather", "fused_logit_nll[all]"}
     for r in rows:

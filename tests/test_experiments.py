@@ -1,4 +1,4 @@
-"""experiments/: the smoke run end to end, the FLOPs count behind the iso-FLOP arm, config errors, verdicts."""
+"""experiments/: the smoke run end to end, the FLOPs count behind the iso-FLOP arms, config errors, verdicts."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiments import run as exp_run
-from experiments.flops import iso_flop_dense, train_flops_per_token
-from experiments.report import RESULTS_MD, RESULTS_PNG, compare_arms
+from experiments.common import CONFIG_DIR, SMOKE_CONFIG, ExperimentError, split_held_out
+from experiments.config import arm_model_keys, check_runs, load_experiment
+from experiments.flops import iso_flop_width, train_flops_per_token
+from experiments.report import RESULTS_MD, RESULTS_PNG, arm_roles, compare_arms, paired_difference
 from moc_kernels import STRATEGIES
 from model.config import ModelConfig
 from model.info import flops_per_token
 from model.lm import LunarisLM
 
 REPO = Path(__file__).resolve().parent.parent
+# Claim 1's arms in every shipped config (issue 20): the baselines the claim needs and MoC's two ablations.
+SEVEN_ARMS = ["dense", "moc", "dense_iso_flops", "moe", "moe_iso_flops", "moc_no_context", "moc_no_collab"]
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +40,40 @@ def smoke(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_smoke_claim1_every_arm_and_seed(smoke):
     out, results = smoke
-    cfg = exp_run.load_experiment(exp_run.SMOKE_CONFIG)
+    cfg = load_experiment(SMOKE_CONFIG)
     arms = results["claim1"]["arms"]
-    assert list(arms) == list(cfg["arms"])
+    assert list(arms) == list(cfg["arms"]) == SEVEN_ARMS
     for name, arm in arms.items():
         assert arm["seeds"] == cfg["seeds"], name
         assert len(arm["val_ppl"]) == len(cfg["seeds"])
         assert all(math.isfinite(p) and p > 1 for p in arm["val_ppl"]), (name, arm["val_ppl"])
         assert arm["val_ppl_std"] is not None and arm["val_ppl_std"] >= 0
         assert arm["val_ppl_min"] <= arm["val_ppl_mean"] <= arm["val_ppl_max"]
-    # Same tokens for every arm; the iso-FLOP arm is dense and within 5% of MoC's FLOPs/token.
+    # Same tokens for every arm; each iso-FLOP arm keeps its kind and is within 5% of MoC's FLOPs/token.
     assert len({a["train_tokens"] for a in arms.values()}) == 1
-    iso, moc = arms["dense_iso_flops"], arms["moc"]
-    assert not iso["is_moc"] and moc["is_moc"]
-    assert abs(iso["forward_flops_per_token"] / moc["forward_flops_per_token"] - 1) < 0.05
-    assert iso["ffn_hidden"] > arms["dense"]["ffn_hidden"]
+    moc = arms["moc"]
+    kinds = {name: a["ffn_kind"] for name, a in arms.items()}
+    assert kinds == {
+        "dense": "dense",
+        "moc": "moc",
+        "dense_iso_flops": "dense",
+        "moe": "moe",
+        "moe_iso_flops": "moe",
+        "moc_no_context": "moc",
+        "moc_no_collab": "moc",
+    }
+    for iso, base in (("dense_iso_flops", "dense"), ("moe_iso_flops", "moe")):
+        assert abs(arms[iso]["forward_flops_per_token"] / moc["forward_flops_per_token"] - 1) < 0.05, iso
+        assert arms[iso]["ffn_hidden"] > arms[base]["ffn_hidden"], iso
+    # MoE at MoC's E/k/F: the same expert weights, k/E of the expert FLOPs, fewer active than total parameters.
+    moe = arms["moe"]
+    assert moe["ffn_hidden"] == moc["ffn_hidden"] and moe["forward_flops_per_token"] < moc["forward_flops_per_token"]
+    assert moe["active_parameters"] < moe["parameters"] and moc["active_parameters"] == moc["parameters"]
+    # Each ablation drops its modules: fewer parameters and FLOPs than full MoC, switches recorded.
+    for name, switch in (("moc_no_context", "router_context"), ("moc_no_collab", "collaboration")):
+        a = arms[name]
+        assert a[switch] is False and moc[switch] is True, name
+        assert a["parameters"] < moc["parameters"] and a["forward_flops_per_token"] < moc["forward_flops_per_token"]
 
 
 def test_smoke_claim2_every_text_and_strategy(smoke):
@@ -79,6 +102,13 @@ def test_smoke_results_md_has_every_row(smoke):
     assert "## Summary" in md and results["command"] in md
     for name in results["claim1"]["arms"]:
         assert f"| `{name}` |" in md, name
+    # The generated verdicts: MoC against each baseline, each ablation against full MoC, wall time per arm.
+    summary = md.split("## Summary")[1].split("## Setup")[0]
+    for other in ("dense", "dense_iso_flops", "moe", "moe_iso_flops"):
+        assert f"`{other}` at " in summary, other
+    for name in ("moc_no_context", "moc_no_collab"):
+        assert f"(`{name}`), MoC's val PPL was" in summary and "difference of means" in summary, name
+    assert "Wall time per run (mean over seeds, this machine): `dense`" in md
     for label in results["claim2"]["evaluations"]:
         section = md.split(f"### Held-out text: {label} ")[1].split("###")[0]
         for s in STRATEGIES:
@@ -95,7 +125,8 @@ def test_smoke_reuse_reads_back_identical_runs(smoke, capsys):
     again = out / "again"
     assert exp_run.main(["--smoke", "--out-dir", str(out), "--results-dir", str(again), "--reuse"]) == 0
     log = capsys.readouterr().out
-    assert "[train]" not in log and log.count("--reuse: keeping the finished run") == 8
+    runs = len(SEVEN_ARMS) * len(results["config"]["seeds"]) + 2  # claim 1, then the two domain models
+    assert "[train]" not in log and log.count("--reuse: keeping the finished run") == runs
     second = json.loads((again / "results.json").read_text())
     assert second["claim1"]["arms"] == results["claim1"]["arms"]
     for label, ev in results["claim2"]["evaluations"].items():
@@ -121,15 +152,21 @@ def test_report_without_matplotlib_writes_the_tables_and_says_so(smoke, tmp_path
         {"n_experts": 0},
         {"n_experts": 4, "top_k": 2},
         {"n_experts": 3, "top_k": 1, "n_kv_heads": 1},
+        {"n_experts": 4, "top_k": 2, "ffn": "moe"},
+        {"n_experts": 3, "top_k": 3, "ffn": "moe"},
+        {"n_experts": 4, "top_k": 2, "router_context": False},
+        {"n_experts": 4, "top_k": 2, "collaboration": False},
+        {"n_experts": 4, "top_k": 2, "router_context": False, "collaboration": False},
     ],
-    ids=["dense", "moc", "moc-gqa-k1"],
+    ids=["dense", "moc", "moc-gqa-k1", "moe", "moe-k=E", "moc-no-context", "moc-no-collab", "moc-neither"],
 )
 def test_flops_match_flop_counter(keys):
     """model.info's count equals torch's count of every matrix product in a real forward.
 
     FlopCounterMode does not see two terms: SDPA's CPU kernel (the causal attention core, 2 products
-    over (T+1)/2 keys on average) and MoC's weighted sum of the k outputs (an elementwise product
-    and a sum, 2*k*D); everything else must agree exactly.
+    over (T+1)/2 keys on average) and the expert layers' weighted sum of the k outputs (an elementwise
+    product and a sum, 2*k*D); everything else must agree exactly. For MoE that includes the sparse
+    expert pass (routed_swiglu's reference, one GEMM per expert over its rows): k of the E experts.
     """
     config = ModelConfig(
         d_model=32, n_layers=2, n_heads=2, vocab_size=96, multiple_of=16, max_seq_len=16, kernels="reference", **keys
@@ -140,22 +177,25 @@ def test_flops_match_flop_counter(keys):
         lm(tokens)
     analytic = flops_per_token(config, seq_len=16)
     unseen = config.n_layers * 2 * 2 * config.d_model * (16 + 1) / 2
-    if config.is_moc:
+    if config.has_experts:
         unseen += config.n_layers * 2 * config.top_k * config.d_model
     assert counter.get_total_flops() / tokens.numel() == analytic["total"] - unseen
     assert train_flops_per_token(config, 16) == 3 * analytic["total"]
 
 
-def test_iso_flop_dense_matches_moc_within_one_width_step():
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_iso_flop_width_matches_moc_within_one_width_step(kind):
     moc = ModelConfig(d_model=128, n_layers=2, n_heads=4, vocab_size=2048, multiple_of=32, max_seq_len=128, n_experts=4)
-    dense = ModelConfig(**(moc.to_dict() | {"n_experts": 0}))
-    wide = iso_flop_dense(moc, dense)
-    assert not wide.is_moc and wide.ffn_hidden % wide.multiple_of == 0
+    base = moc.dense_baseline() if kind == "dense" else ModelConfig(**(moc.to_dict() | {"ffn": "moe"}))
+    wide = iso_flop_width(moc, base)
+    assert wide.ffn == base.ffn and wide.n_experts == base.n_experts and wide.ffn_hidden % wide.multiple_of == 0
+    assert wide.ffn_hidden > base.ffn_hidden
     want = flops_per_token(moc)["total"]
-    step = 2 * 3 * wide.d_model * wide.n_layers * wide.multiple_of  # FLOPs of one multiple_of of width
+    experts_run = base.top_k if kind == "moe" else 1
+    step = 2 * 3 * wide.d_model * wide.n_layers * wide.multiple_of * experts_run  # FLOPs of one multiple_of of F
     assert abs(flops_per_token(wide)["total"] - want) <= step / 2
-    with pytest.raises(ValueError, match="dense base"):
-        iso_flop_dense(moc, moc)
+    with pytest.raises(ValueError, match="dense or MoE base"):
+        iso_flop_width(moc, moc)
 
 
 def test_compare_arms_verdicts():
@@ -167,14 +207,47 @@ def test_compare_arms_verdicts():
     assert compare_arms({"m": arm([13, 14]), "d": arm([12, 13])}, "m", "d")["verdict"] == "did not beat"
 
 
+def test_paired_difference_is_per_seed_and_says_whether_every_seed_agrees():
+    def arm(ppls, seeds=(1, 2, 3)):
+        return {"val_ppl": list(ppls), "seeds": list(seeds), "val_ppl_mean": sum(ppls) / len(ppls)}
+
+    # Overlapping ranges, but every seed of the ablation is worse than the same seed of MoC.
+    arms = {"moc": arm([10, 14, 12]), "abl": arm([11, 15, 12.5])}
+    d = paired_difference(arms, "abl", "moc")
+    assert d["per_seed"] == {1: 1, 2: 1, 3: 0.5} and d["agree"] == "worse"
+    assert d["mean_diff"] == pytest.approx(2.5 / 3) and d["std_diff"] == pytest.approx(math.sqrt(1 / 12))
+    assert paired_difference({"moc": arm([10, 14]), "abl": arm([9, 13])}, "abl", "moc")["agree"] == "better"
+    mixed = paired_difference({"moc": arm([10, 14, 12]), "abl": arm([11, 13, 12.5])}, "abl", "moc")
+    assert mixed["agree"] == "mixed"
+    # Seeds are matched by value, not by position.
+    shuffled = {"moc": arm([10, 14], seeds=(1, 2)), "abl": arm([15, 9], seeds=(2, 1))}
+    assert paired_difference(shuffled, "abl", "moc")["per_seed"] == {2: 1, 1: -1}
+
+
+def test_arm_roles_finds_moc_its_baselines_and_ablations():
+    cfg = load_experiment(SMOKE_CONFIG)
+    keys = arm_model_keys(cfg)
+    arms = {}
+    for name, k in keys.items():
+        mc = ModelConfig.from_dict(k)
+        kind = "moc" if mc.is_moc else "moe" if mc.is_moe else "dense"
+        arms[name] = {"ffn_kind": kind, "is_moc": mc.is_moc, "router_context": mc.router_context}
+        arms[name] |= {"collaboration": mc.collaboration, "matches_flops_of": cfg["arms"][name].get("match_flops_of")}
+    roles = arm_roles(arms)
+    assert roles["moc"] == "moc"
+    assert [n for n, _ in roles["same_tokens"]] == ["dense", "moe"]
+    assert [n for n, _ in roles["iso_flops"]] == ["dense_iso_flops", "moe_iso_flops"]
+    assert roles["ablations"] == ["moc_no_context", "moc_no_collab"]
+
+
 def test_split_held_out_is_deterministic_and_two_sided():
     modules = [(f"pkg/mod{i}.py", "pkg", ["doc"]) for i in range(12)]
-    train, test = exp_run.split_held_out(modules, 0.25)
+    train, test = split_held_out(modules, 0.25)
     assert train and test and len(train) + len(test) == 12
-    again = exp_run.split_held_out(list(reversed(modules)), 0.25)[1]
+    again = split_held_out(list(reversed(modules)), 0.25)[1]
     assert {m[0] for m in again} == {m[0] for m in test}  # by path hash, not by order
-    with pytest.raises(exp_run.ExperimentError, match="at least 2 modules"):
-        exp_run.split_held_out(modules[:1], 0.25)
+    with pytest.raises(ExperimentError, match="at least 2 modules"):
+        split_held_out(modules[:1], 0.25)
 
 
 @pytest.mark.parametrize(
@@ -185,12 +258,21 @@ def test_split_held_out_is_deterministic_and_two_sided():
         (("arms", {"dense": {"n_experts": 0}, "wide": {"match_flops_of": "nope"}}), "match_flops_of must name"),
         (("train", {"model": {"d_modle": 32}, "max_steps": 2}), "did you mean 'd_model'"),
         (("train", {"model": {"d_model": 32, "n_heads": 2}, "max_stpes": 2}), "did you mean 'max_steps'"),
+        (("arms", {"dense": {"n_experts": 0}, "moe": {"n_experts": 4, "ffn": "moee"}}), "did you mean 'moe'"),
+        (("arms", {"dense": {"n_experts": 0}, "abl": {"n_experts": 0, "collaboration": False}}), "MoC ablation"),
+        (
+            (
+                "arms",
+                {"dense": {"n_experts": 0}, "moc": {"n_experts": 4}, "w": {"n_experts": 4, "match_flops_of": "dense"}},
+            ),
+            "needs a dense or MoE base",
+        ),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, edit, message):
     import yaml
 
-    raw = yaml.safe_load(exp_run.SMOKE_CONFIG.read_text())
+    raw = yaml.safe_load(SMOKE_CONFIG.read_text())
     key, value = edit
     raw[key] = value
     path = tmp_path / "bad.yaml"
@@ -204,9 +286,10 @@ def test_bad_config_is_one_line_exit_2(tmp_path, capsys, edit, message):
 @pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "smoke.yaml"])
 def test_shipped_configs_are_valid(name):
     """Every shipped config loads and every run's TrainConfig builds (no training)."""
-    cfg = exp_run.load_experiment(exp_run.CONFIG_DIR / name)
-    exp_run.check_runs(cfg)
-    keys = exp_run.arm_model_keys(cfg)
-    assert set(keys) == {"dense", "moc", "dense_iso_flops"}
+    cfg = load_experiment(CONFIG_DIR / name)
+    check_runs(cfg)
+    keys = arm_model_keys(cfg)
+    assert list(keys) == SEVEN_ARMS
+    assert cfg["seeds"] == ([1, 2] if name == "smoke.yaml" else [1, 2, 3])
     if name != "smoke.yaml":  # the real runs never write their results into out/
         assert not str(cfg["results_dir"]).startswith("out")

@@ -15,7 +15,7 @@ import moc_kernels
 from model import LunarisLM, ModelConfig
 from tests.conftest import TOLERANCE, rel_err
 
-MODEL_OPS = ("expert_swiglu", "small_attention", "topk_gather")
+MODEL_OPS = ("expert_swiglu", "small_attention", "topk_gather", "routed_swiglu")
 KERNEL_DIR = Path(moc_kernels.__file__).parent / "triton"
 MISSING = [op for op in MODEL_OPS if not (KERNEL_DIR / f"{op}.py").is_file()]
 # fp32 end to end through two layers, attention and a top-k: DESIGN's per-kernel 1e-5 compounds.
@@ -27,8 +27,13 @@ pytestmark = [
 ]
 
 
-CONFIGS = [dict(n_experts=4, top_k=2, n_kv_heads=None), dict(n_experts=6, top_k=3, n_kv_heads=2, moc_heads=2)]
-CONFIG_IDS = ["E4k2", "E6k3-gqa"]
+CONFIGS = [
+    dict(n_experts=4, top_k=2, n_kv_heads=None),
+    dict(n_experts=6, top_k=3, n_kv_heads=2, moc_heads=2),
+    dict(n_experts=6, top_k=3, ffn="moe"),  # the top-k MoE baseline: routed_swiglu
+    dict(n_experts=4, top_k=2, router_context=False, collaboration=False),  # both MoC ablations at once
+]
+CONFIG_IDS = ["E4k2", "E6k3-gqa", "moe-E6k3", "moc-ablations-E4k2"]
 
 
 def _paths(overrides: dict, autocast: torch.dtype | None = None):

@@ -6,6 +6,7 @@ Each op computes in float32 whatever its input dtype and returns outputs in the 
 
 from moc_kernels.reference.expert_swiglu import expert_swiglu
 from moc_kernels.reference.fused_logit_nll import FusedNLL, fused_log_probs, fused_logit_nll, fused_logit_nll_multi
+from moc_kernels.reference.routed_swiglu import routed_swiglu
 from moc_kernels.reference.small_attention import small_attention
 from moc_kernels.reference.topk_gather import topk_gather
 
@@ -15,6 +16,7 @@ __all__ = [
     "fused_log_probs",
     "fused_logit_nll",
     "fused_logit_nll_multi",
+    "routed_swiglu",
     "small_attention",
     "topk_gather",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -21,3 +23,31 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     matmul: bool = False  # True when its products should lower to mma (sm_80) / wgmma (sm_90a)
+
+
+_TL_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def launch_spec(fn, args: dict[str, Any], constexprs: tuple[str, ...], **spec: Any) -> KernelSpec:
+    """The KernelSpec that compiles ``fn`` as a launch with ``args`` (every argument by name) would:
+    tensors become typed pointers, the ``constexprs`` constants, ints equal to 1 constants too (Triton
+    specialises them so at launch), other ints i32 (i64 when they do not fit). ``spec``: the remaining
+    KernelSpec fields (config, num_warps, num_stages, matmul)."""
+    signature: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for name in fn.arg_names:
+        value = args[name]
+        if name in constexprs or (not isinstance(value, torch.Tensor) and value == 1):
+            signature[name] = "constexpr"
+            values[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TL_TYPES[value.dtype]
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+    return KernelSpec(kernel=fn.__name__, fn=fn, signature=signature, constexprs=values, **spec)

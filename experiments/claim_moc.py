@@ -1,0 +1,140 @@
+"""Claim 1: collaborating experts against the baselines the claim needs (DESIGN §2b).
+
+Every arm (dense, dense at MoC's FLOPs, top-k MoE at MoC's E/k/F, MoE at MoC's FLOPs, MoC, and
+MoC without its router context or without its collaboration) trains on the same tokens once per
+seed; validation PPL over the whole validation split (non-overlapping windows of ``max_seq_len``),
+mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from experiments.common import documents_of, eval_batches_for, log, mean_std, prepare_or_reuse, train_or_reuse
+from experiments.config import arm_model_keys, model_config, run_config
+
+
+def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False) -> dict[str, Any]:
+    """Train every arm for every seed; validation PPL per run, mean and spread per arm."""
+    data_dir, meta, reuse = _claim1_data(cfg, out, modules, reuse)
+    keys = arm_model_keys(cfg, int(meta["vocab_size"]))
+    seq = model_config(next(iter(keys.values()))).max_seq_len
+    batch = int(cfg["train"].get("batch_size", 16))
+    eval_batches = eval_batches_for(meta, batch, seq, cfg["max_eval_batches"])
+    runs, unigram = _train_every_run(cfg, keys, data_dir, out, eval_batches, reuse)
+    arms = {name: _arm_summary(cfg, name, keys[name], [r for r in runs if r["arm"] == name]) for name in keys}
+    return {
+        "data": {
+            "dir": str(data_dir),
+            "train_tokens": int(meta["train_tokens"]),
+            "val_tokens": int(meta["val_tokens"]),
+            "documents": int(meta.get("documents", 0)),
+            "vocab_size": int(meta["vocab_size"]),
+            "val_tokens_scored": eval_batches * batch * seq,
+            "unigram_val_ppl": None if unigram is None else math.exp(unigram),
+        },
+        "arms": arms,
+        "runs": runs,
+    }
+
+
+def _claim1_data(cfg: dict[str, Any], out: Path, modules: list, reuse: bool) -> tuple[Path, dict[str, Any], bool]:
+    """(data_dir, meta, reuse): the given ``data_dir``, or the stdlib docstrings prepared into out/data/all."""
+    from model.data import read_meta
+
+    if cfg["data_dir"]:
+        data_dir = Path(cfg["data_dir"])
+        log(f"claim 1: data {data_dir} (given)")
+        return data_dir, read_meta(data_dir), reuse
+    data_dir = out / "data" / "all"
+    docs = documents_of(modules, cfg["document_unit"])
+    log(f"claim 1: preparing {len(docs)} documents ({sum(len(d) for d in docs):,} chars) into {data_dir}")
+    meta, reuse = prepare_or_reuse(
+        reuse,
+        docs,
+        data_dir,
+        vocab_size=cfg["vocab_size"],
+        val_fraction=cfg["val_fraction"],
+        sources=[{"corpus": "python-stdlib-docstrings", "modules": len(modules), "python": platform.python_version()}],
+        progress=False,
+    )
+    return data_dir, meta, reuse
+
+
+def _train_every_run(
+    cfg: dict[str, Any], keys: dict[str, dict[str, Any]], data_dir: Path, out: Path, eval_batches: int, reuse: bool
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Train (or reuse) every (arm, seed); returns the runs' records and the unigram val loss."""
+    # Build (and so validate) every run's config before training anything. A run interrupted late
+    # can be finished with fewer seeds: --reuse keeps the runs already done.
+    plans = [
+        (
+            name,
+            seed,
+            run_config(cfg, keys[name], data_dir, out / "claim1" / f"{name}_seed{seed}", seed, eval_batches, False),
+        )
+        for seed in cfg["seeds"]  # seed-major: an interrupted run has every arm for the first seeds
+        for name in keys
+    ]
+    runs, unigram = [], None
+    for name, seed, run_cfg in plans:
+        log(f"claim 1: training {name} seed {seed} ({run_cfg.max_steps} steps)")
+        result = train_or_reuse(run_cfg, reuse)
+        unigram = result["unigram_loss"] if result["unigram_loss"] is not None else unigram
+        seq = model_config(run_cfg.model).max_seq_len
+        runs.append(
+            {
+                "arm": name,
+                "seed": seed,
+                "val_loss": result["val_loss_end"],
+                "val_ppl": math.exp(result["val_loss_end"]),
+                "val_loss_start": result["val_loss_start"],
+                "train_tokens": run_cfg.max_steps * run_cfg.batch_size * run_cfg.gradient_accumulation_steps * seq,
+                "wall_s": result["wall_s"],
+                "val_curve": result["val_curve"],
+                "train_curve": result["train_curve"],
+            }
+        )
+        log(f"claim 1: {name} seed {seed}: val loss {result['val_loss_end']:.4f} (ppl {runs[-1]['val_ppl']:.2f})")
+    return runs, unigram
+
+
+def _arm_summary(cfg: dict[str, Any], name: str, keys: dict[str, Any], mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's model figures (parameters, FLOPs) and its runs' PPL statistics over seeds."""
+    from experiments.flops import train_flops_per_token
+    from model.info import active_parameters, count_parameters, flops_per_token
+
+    mc = model_config(keys)
+    seq = mc.max_seq_len
+    ppls = [r["val_ppl"] for r in mine]
+    mean, std = mean_std(ppls)
+    loss_mean, loss_std = mean_std([r["val_loss"] for r in mine])
+    return {
+        "model": dict(keys),
+        "is_moc": mc.is_moc,
+        "ffn_kind": "moc" if mc.is_moc else "moe" if mc.is_moe else "dense",
+        "ffn_label": mc.ffn_label,
+        "router_context": mc.router_context,
+        "collaboration": mc.collaboration,
+        "ffn_hidden": mc.ffn_hidden,
+        "parameters": count_parameters(mc),
+        "active_parameters": active_parameters(mc),
+        "forward_flops_per_token": flops_per_token(mc, seq)["total"],
+        "train_flops_per_token": train_flops_per_token(mc, seq),
+        "train_flops_total": train_flops_per_token(mc, seq) * mine[0]["train_tokens"],
+        "train_tokens": mine[0]["train_tokens"],
+        "seeds": [r["seed"] for r in mine],
+        "val_ppl": ppls,
+        "val_ppl_mean": mean,
+        "val_ppl_std": std,
+        "val_ppl_min": min(ppls),
+        "val_ppl_max": max(ppls),
+        "val_loss_mean": loss_mean,
+        "val_loss_std": loss_std,
+        "wall_s": [r["wall_s"] for r in mine],
+        "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
+        "matches_flops_of": cfg["arms"][name].get("match_flops_of"),
+    }
