@@ -73,6 +73,19 @@ def test_a_step_past_its_limit_is_stopped_and_reported(tmp_path, monkeypatch):
         "time.sleep(600)\n"
     )
     monkeypatch.setattr(protocol, "command", lambda s, c: [sys.executable, "-c", code])
+
+    class StartedPopen(subprocess.Popen):
+        """Starts the step's clock once both processes exist: on a loaded machine the parent could
+        still be starting its child when a 6 s limit ran out, and the test then had no pids to check."""
+
+        def wait(self, timeout=None):
+            for _ in range(2400):  # at most 120 s for two Python processes to start
+                if pids.exists() and len(pids.read_text().split()) == 2:
+                    break
+                time.sleep(0.05)
+            return super().wait(timeout)
+
+    monkeypatch.setattr(protocol.subprocess, "Popen", StartedPopen)
     record = protocol.run_step(step, ctx, deadline=time.monotonic() + 600)
     assert record["status"] == "timeout" and record["exit_code"] is None
     for pid in map(int, pids.read_text().split()):
