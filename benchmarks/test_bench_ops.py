@@ -113,3 +113,16 @@ def test_fused_logit_nll(benchmark, device, shape, impl, strategies):
         targets = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
         sets.append((logits, targets, names, [1.0] * shape.models, None, None))
     _run(benchmark, fn, sets, "fwd", device, shape, f"fused_logit_nll[{strategies}]", impl, strategies=len(names))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_target_and_set_log_probs(benchmark, device, shape, impl):
+    """Forward only: log p(target) and log p(word-start tokens) of one model's rows (DESIGN §5c)."""
+    fn = implementation("target_and_set_log_probs", impl, device)
+    sets = []
+    for _ in range(2):
+        logits = _rand(shape.tokens, shape.vocab, shape=shape, device=device) * 3
+        targets = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
+        in_set = torch.rand(shape.vocab, device=device) < 0.4  # about GPT-2's share of "Ġ" tokens
+        sets.append((logits, targets, in_set, 1.0, None))
+    _run(benchmark, fn, sets, "fwd", device, shape, "target_and_set_log_probs", impl)

@@ -11,6 +11,7 @@ from moc_kernels.ops import (
     fused_logit_nll,
     fused_logit_nll_multi,
     small_attention,
+    target_and_set_log_probs,
     topk_gather,
 )
 from moc_kernels.reference.fused_logit_nll import IGNORE_INDEX, STRATEGIES, FusedNLL
@@ -27,6 +28,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "small_attention",
+    "target_and_set_log_probs",
     "topk_gather",
     "use_backend",
 ]

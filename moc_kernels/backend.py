@@ -70,7 +70,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-KERNEL_OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll")
+KERNEL_OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll", "target_and_set_log_probs")
 
 
 def _version(package: str) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ Each op computes in float32 whatever its input dtype and returns outputs in the 
 from moc_kernels.reference.expert_swiglu import expert_swiglu
 from moc_kernels.reference.fused_logit_nll import FusedNLL, fused_log_probs, fused_logit_nll, fused_logit_nll_multi
 from moc_kernels.reference.small_attention import small_attention
+from moc_kernels.reference.target_and_set_log_probs import target_and_set_log_probs
 from moc_kernels.reference.topk_gather import topk_gather
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "fused_logit_nll",
     "fused_logit_nll_multi",
     "small_attention",
+    "target_and_set_log_probs",
     "topk_gather",
 ]
