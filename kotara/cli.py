@@ -84,9 +84,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_fusion_flags(p: argparse.ArgumentParser, strategy_help: str) -> None:
+def _add_fusion_flags(p: argparse.ArgumentParser, strategy_help: str, default: str | None = "entropy") -> None:
     f = p.add_argument_group("fusion")
-    f.add_argument("--strategy", default="entropy", help=strategy_help)
+    f.add_argument("--strategy", default=default, help=strategy_help)
     f.add_argument(
         "--temp",
         type=float,
@@ -150,7 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_fusion_flags(
-        p, f"one of {', '.join(STRATEGIES)}, or 'all' (every one from the same forwards); default entropy"
+        p,
+        f"per token (one shared vocabulary): one of {', '.join(STRATEGIES)}, or 'all' (every one from the same "
+        "forwards); default entropy. Per word (--fusion_unit word, and models whose tokenizers differ): "
+        "mixture, mixture_bayes, mixture_switch or all (default)",
+        default=None,
+    )
+    w = p.add_argument_group("fusion across tokenizers (DESIGN §5c)")
+    w.add_argument(
+        "--fusion_unit",
+        choices=["token", "word"],
+        default=None,
+        help="token: fuse the logits per token (needs one vocabulary); word: the closed-word mixture, each model "
+        "with its own tokenizer, bits/byte only. Default: token when the models' tokenizers agree, word when "
+        "they differ (then --tokenizer is an error)",
+    )
+    w.add_argument(
+        "--switch_rate",
+        type=float,
+        default=0.01,
+        help="mixture_switch: the share alpha of weight moved back to 1/M after every word (fixed share); default 0.01",
     )
 
     o = p.add_argument_group("output")
@@ -377,12 +396,19 @@ def run(args: argparse.Namespace) -> int:
     from kotara.windows import check_window_args, rolling_windows
 
     # Everything that can be checked cheaply is checked before any model is loaded.
-    strategies = _strategies(args.strategy)
     check_window_args(args.max_length, args.stride)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.chunk_bytes < 1:
         raise ValueError(f"--chunk_bytes must be >= 1, got {args.chunk_bytes}")
+    if args.fusion_unit != "token":  # models with different tokenizers fuse per word (kotara.word_score)
+        from kotara import word_score
+
+        tokenizers = word_score.own_tokenizers(_model_paths(args), args.trust_remote_code)
+        if args.fusion_unit == "word" or word_score.tokenizers_differ(tokenizers):
+            return word_score.run_word_score(args, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    strategies = _strategies(args.strategy)
     paths, device_names, devices, dtypes = _resolve_models(args)
     spec = _fusion_spec(args, len(paths), strategies)
     loading.read_text_pieces(args.dataset_path, args.chunk_bytes)  # missing / non-UTF-8 / empty, before loading
