@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_kotara_support import build_gpt2, build_tokenizer, one_torch_thread, write_corpus  # noqa: F401
 
+from kotara import demo
 from kotara.cli import main
 from moc_kernels import backend
 
@@ -27,7 +28,8 @@ def bpe_tokenizer(directory: Path, text: Path, vocab_size: int) -> Path:
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("kotara_words")
     text = write_corpus(root / "text.txt", num_lines=8)
-    small, large = bpe_tokenizer(root / "bpe300", text, 300), bpe_tokenizer(root / "bpe340", text, 340)
+    # Two kinds: the project's byte-level BPE (model.data) and the demo's (other special tokens), two sizes.
+    small, large = bpe_tokenizer(root / "bpe300", text, 300), demo.build_bpe_tokenizer(root / "bpe340", text, 340)
     return {
         "text": text,
         "a": build_gpt2(root / "a", small, seed=1),
