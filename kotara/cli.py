@@ -188,7 +188,15 @@ def build_generate_parser() -> argparse.ArgumentParser:
         "over the whole vocabulary. Greedy unless --do_sample.",
     )
     _add_model_flags(p)
-    _add_fusion_flags(p, f"one of {', '.join(STRATEGIES)}; default entropy")
+    _add_fusion_flags(
+        p,
+        f"one of {', '.join(STRATEGIES)}; default entropy. Models whose tokenizers differ generate per word: "
+        "mixture (default), mixture_bayes or mixture_switch (with --switch_rate)",
+        default=None,
+    )
+    p.add_argument(
+        "--switch_rate", type=float, default=0.01, help="mixture_switch per word: the fixed share alpha; default 0.01"
+    )
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
     g.add_argument(
@@ -204,7 +212,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     )
     d = p.add_argument_group("decoding")
     d.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt at most (default 64)")
-    d.add_argument("--do_sample", action="store_true", help="sample from the fused distribution (default: greedy)")
+    d.add_argument(
+        "--do_sample",
+        action="store_true",
+        help="sample from the fused distribution (default: greedy). Per word (different tokenizers): draw a model "
+        "by the weights, then a whole word from it; greedy there asks each model for its greedy next word and "
+        "keeps the one with the highest fused probability",
+    )
     d.add_argument(
         "--sampling_temperature",
         type=float,
@@ -515,11 +529,19 @@ def run_generate(args: argparse.Namespace) -> int:
     from kotara.report import format_generation, write_jsonl_atomic
 
     _check_decoding_args(args)
-    if args.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {args.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts_file FILE")
+    from kotara import word_score  # models with different tokenizers generate per word (kotara.word_generate)
+
+    tokenizers = word_score.own_tokenizers(_model_paths(args), args.trust_remote_code)
+    if word_score.tokenizers_differ(tokenizers):
+        from kotara.word_generate import run_word_generate
+
+        return run_word_generate(args, prompts, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {args.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     paths, _, devices, dtypes = _resolve_models(args)
     spec = _fusion_spec(args, len(paths), [args.strategy])
     _check_output_dir(args.save_outputs, "--save_outputs")

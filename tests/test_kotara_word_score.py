@@ -24,9 +24,8 @@ def bpe_tokenizer(directory: Path, text: Path, vocab_size: int) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kotara_words")
+def build_workspace(root: Path) -> dict[str, Path]:
+    """A text, tiny GPT-2s over two byte-level BPEs (a, c: one; b: the other) and one over a word-level tokenizer."""
     text = write_corpus(root / "text.txt", num_lines=8)
     # Two kinds: the project's byte-level BPE (model.data) and the demo's (other special tokens), two sizes.
     small, large = bpe_tokenizer(root / "bpe300", text, 300), demo.build_bpe_tokenizer(root / "bpe340", text, 340)
@@ -37,6 +36,11 @@ def workspace(tmp_path_factory):
         "c": build_gpt2(root / "c", small, seed=3),
         "words": build_gpt2(root / "w", build_tokenizer(root / "wtok", text), seed=4),
     }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("kotara_words"))
 
 
 def run_main(argv, capsys):

@@ -95,10 +95,10 @@ def all_texts(max_length: int = MAX_LENGTH) -> list[str]:
     return ["".join(c) for n in range(1, max_length + 1) for c in itertools.product(ALPHABET, repeat=n)]
 
 
-def canonical_lm(tokenizer: ToyTokenizer, seed: int) -> ToyLM:
-    """Random probabilities of every text, on its canonical tokenisation only."""
+def canonical_lm(tokenizer: ToyTokenizer, seed: int, max_length: int = MAX_LENGTH) -> ToyLM:
+    """Random probabilities of every text up to ``max_length`` characters, on its canonical tokenisation only."""
     rng = random.Random(seed)
-    texts = all_texts()
+    texts = all_texts(max_length)
     raw = [rng.random() ** 3 for _ in texts]
     total = sum(raw)
     return ToyLM({tuple(tokenizer.tokens(x)): p / total for x, p in zip(texts, raw)}, tokenizer.vocab)
