@@ -1,0 +1,160 @@
+"""Claim 2 across tokenizers: two domain models, each with a BPE trained on its own domain only, fused per word.
+
+    python -m experiments.cross_tokenizer                 # config experiments/configs/cpu.yaml
+    python -m experiments.cross_tokenizer --smoke         # seconds: toy sizes (tests)
+
+The same domains, held-out modules, model keys, training and Kotara settings as claim 2 of
+``experiments.run`` (``claim_fusion``), except that each domain trains its own byte-level BPE on
+its own training modules, so the two models share no vocabulary and only the closed-word mixture
+of DESIGN §5c can fuse them (``kotara score`` picks that path because the tokenizers differ).
+Writes ``RESULTS_cross_tokenizer.md`` and ``results_cross_tokenizer.json`` to the results
+directory; models and token shards go under ``out_dir`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments import run as experiment
+
+STRATEGIES = ("mixture", "mixture_bayes", "mixture_switch")
+
+
+def train_domain_models(cfg: dict[str, Any], out: Path, reuse: bool) -> tuple[dict, dict]:
+    """Per domain: its own BPE and token shards, one model; returns (models, held-out modules by domain)."""
+    fusion = cfg["fusion"]
+    names = list(fusion["domains"])
+    modules = experiment.stdlib_modules({m for mods in fusion["domains"].values() for m in mods})
+    models, held = {}, {}
+    for name in names:
+        wanted = set(fusion["domains"][name])
+        train_mods, test_mods = experiment.split_held_out(
+            [m for m in modules if m[1] in wanted], fusion["test_fraction"]
+        )
+        held[name] = test_mods
+        docs = experiment.documents_of(train_mods, cfg["document_unit"])
+        data_dir = out / "data" / f"own_tokenizer_{name}"
+        meta, _ = experiment.prepare_or_reuse(
+            reuse, docs, data_dir, vocab_size=cfg["vocab_size"], val_fraction=cfg["val_fraction"], progress=False
+        )
+        keys = experiment.arm_model_keys(cfg, int(meta["vocab_size"]))[fusion["arm"]]
+        seq = experiment._model_config(keys).max_seq_len
+        batch = int((cfg["train"] | fusion["train"]).get("batch_size", 16))
+        eval_batches = experiment.eval_batches_for(meta, batch, seq, cfg["max_eval_batches"])
+        run_cfg = experiment.run_config(
+            cfg, keys, data_dir, out / "claim2_own_tokenizers" / f"model_{name}", fusion["seed"], eval_batches, True,
+            fusion["train"],
+        )  # fmt: skip
+        experiment.log(f"cross-tokenizer: training the {name} model on its own BPE ({run_cfg.max_steps} steps)")
+        result = experiment.train_or_reuse(run_cfg, reuse)
+        models[name] = {"hf_dir": result["hf_dir"], "vocab_size": int(meta["vocab_size"]), "wall_s": result["wall_s"]}
+    return models, held
+
+
+def mixed_text(cfg: dict[str, Any], held: dict, path: Path) -> Path:
+    """The held-out modules of both domains alternated, as claim 2's mixed text."""
+    names = list(held)
+    limit = cfg["fusion"]["max_text_chars"]
+    docs = {n: experiment._cap_chars(experiment.documents_of(held[n], "module"), limit) for n in names}
+    mixed = [docs[n][i] for i in range(max(len(d) for d in docs.values())) for n in names if i < len(docs[n])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(mixed) + "\n", encoding="utf-8")
+    return path
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The markdown of RESULTS_cross_tokenizer.md (every number from results_cross_tokenizer.json)."""
+    metrics, names = results["kotara"], results["domains"]
+    lines = [
+        "# Claim 2 across tokenizers: each domain model with its own BPE, fused per word",
+        "",
+        f"Written by `{results['command']}` ({results['wall_s']:.0f} s). Claim 2's domains, held-out modules, "
+        "models and Kotara settings, but each domain trains its own byte-level BPE "
+        f"(vocabulary {results['config_vocab_size']}) on its own training modules: "
+        + ", ".join(f"{n} {results['models'][n]['vocab_size']} tokens" for n in names)
+        + ". Kotara fuses them per closed word (DESIGN §5c; `--strategy all`, equal weights, "
+        f"`--switch_rate {metrics['switch_rate']}`, nothing tuned). Token perplexity is not defined across "
+        "tokenizers: bits/byte only.",
+        "",
+        f"### Held-out text: mixed ({metrics['bytes']:,} bytes, {metrics['segments']:,} segments)",
+        "",
+        "| | own tokens | bits/byte | gain vs best single (bits/byte) | mean weights a / b |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    bits = metrics["bits_per_byte"]
+    best = min(bits[m["name"]] for m in metrics["models"])
+    for model, name in zip(metrics["models"], names):
+        lines.append(f"| model {model['name']} ({name}) alone | {model['tokens']:,} | {bits[model['name']]:.4f} | "
+                     f"{best - bits[model['name']]:+.4f} | |")  # fmt: skip
+    for s in STRATEGIES:
+        weights = " / ".join(f"{w:.3f}" for w in metrics["strategies"][s]["mean_weights"].values())
+        lines.append(f"| fused {s} | | {bits[s]:.4f} | {best - bits[s]:+.4f} | {weights} |")
+    lines += ["", f"Command: `kotara {shlex.join(results['kotara_argv'])}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kotara.cli import main as kotara_main
+
+    p = argparse.ArgumentParser(prog="python -m experiments.cross_tokenizer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="experiment YAML (default experiments/configs/cpu.yaml)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes (= --config experiments/configs/smoke.yaml)")
+    p.add_argument("--out-dir", help="override out_dir")
+    p.add_argument("--results-dir", help="override results_dir (RESULTS_cross_tokenizer.md and its JSON)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs and data in out_dir with the same config")
+    args = p.parse_args(argv)
+    start = time.time()
+    config = (
+        Path(args.config) if args.config else (experiment.SMOKE_CONFIG if args.smoke else experiment.DEFAULT_CONFIG)
+    )
+    try:
+        cfg = experiment.load_experiment(config)
+    except experiment.ExperimentError as e:
+        print(f"experiments: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir or cfg["out_dir"])
+    results_dir = Path(args.results_dir or cfg["results_dir"] or out)
+    models, held = train_domain_models(cfg, out, args.reuse)
+    text = mixed_text(cfg, held, out / "texts" / "mixed_own_tokenizers.txt")
+    metrics_path = out / "claim2_own_tokenizers" / "kotara_mixed.json"
+    names = list(models)
+    kotara_argv = [arg for n in names for arg in ("--model", models[n]["hf_dir"])]
+    kotara_argv += [
+        "--dataset_path",
+        str(text),
+        "--strategy",
+        "all",
+        "--save_metrics",
+        str(metrics_path),
+        "--no_progress",
+    ]
+    for flag, value in cfg["fusion"]["kotara"].items():
+        kotara_argv += [f"--{flag}", str(value)]
+    experiment.log(f"cross-tokenizer: kotara {shlex.join(kotara_argv)}")
+    if kotara_main(kotara_argv) != 0:
+        raise RuntimeError("kotara failed on the mixed text")
+    results = {
+        "command": "python -m experiments.cross_tokenizer"
+        + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ""),
+        "config_vocab_size": cfg["vocab_size"],
+        "domains": names,
+        "models": models,
+        "kotara_argv": kotara_argv,
+        "kotara": json.loads(metrics_path.read_text()),
+        "wall_s": time.time() - start,
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results_cross_tokenizer.json").write_text(json.dumps(results, indent=1) + "\n")
+    (results_dir / "RESULTS_cross_tokenizer.md").write_text(format_report(results))
+    experiment.log(f"done in {results['wall_s']:.0f} s: {results_dir / 'RESULTS_cross_tokenizer.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
