@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from kotara.loading import LoadedModel
 
 PROG = "kotara"
+# Per-token weights learnt from the past tokens (scoring only): the posterior and the fixed share.
+SEQUENTIAL = ("mixture_bayes", "mixture_switch")
 COMMANDS = ("score", "generate")
 
 
@@ -151,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_fusion_flags(
         p,
-        f"per token (one shared vocabulary): one of {', '.join(STRATEGIES)}, or 'all' (every one from the same "
-        "forwards); default entropy. Per word (--fusion_unit word, and models whose tokenizers differ): "
-        "mixture, mixture_bayes, mixture_switch or all (default)",
+        f"per token (one shared vocabulary): one of {', '.join(STRATEGIES + SEQUENTIAL)}, or 'all' (every one from "
+        "the same forwards; mixture_bayes: weights = the posterior given the past tokens, mixture_switch: its fixed "
+        "share with --switch_rate); default entropy. Per word (--fusion_unit word, and models whose tokenizers "
+        "differ): mixture, mixture_bayes, mixture_switch or all (default)",
         default=None,
     )
     w = p.add_argument_group("fusion across tokenizers (DESIGN §5c)")
@@ -169,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--switch_rate",
         type=float,
         default=0.01,
-        help="mixture_switch: the share alpha of weight moved back to 1/M after every word (fixed share); default 0.01",
+        help="mixture_switch: the share alpha of weight moved back to 1/M after every word (per token: every "
+        "token) (fixed share); default 0.01",
     )
 
     o = p.add_argument_group("output")
@@ -286,7 +290,9 @@ def _fusion_spec(args: argparse.Namespace, count: int, strategies: list[str]) ->
     from kotara.evaluate import FusionSpec
 
     return FusionSpec(
-        strategies=strategies,
+        strategies=[s for s in strategies if s not in SEQUENTIAL],
+        sequential=[s for s in strategies if s in SEQUENTIAL],
+        switch_rate=getattr(args, "switch_rate", 0.01),
         temperatures=_per_model(args.temp, (args.temp_a, args.temp_b), count, 1.0, "temp"),
         weights=_per_model(args.weight, (), count, 1.0 / count, "weight"),
         poe_betas=_per_model(
@@ -306,9 +312,9 @@ def _model_paths(args: argparse.Namespace) -> list[str]:
 
 def _strategies(name: str) -> list[str]:
     if name == "all":
-        return list(STRATEGIES)
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}, or all")
+        return list(STRATEGIES) + list(SEQUENTIAL)
+    if name not in STRATEGIES + SEQUENTIAL:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES + SEQUENTIAL)}, or all")
     return [name]
 
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 import moc_kernels
 from kotara.loading import LoadedModel
 from kotara.similarity import model_pairs, pearson_from_sums, token_stats
-from kotara.windows import Window, batches
+from kotara.windows import Window, batches, target_positions
+from kotara.words import fuse_tokens
 
 
 @dataclass
@@ -30,12 +31,16 @@ class FusionSpec:
     temperatures: list[float]
     weights: list[float]  # fixed mixture weights (normalised to sum 1 by the kernel)
     poe_betas: list[float]  # PoE exponents β_i (not normalised: Σβ ≠ 1 sharpens or flattens q)
+    # Per-token weights learnt from the past tokens (kotara.words.fuse_tokens): not one row at a time,
+    # so computed from every token's tempered log-probabilities after the pass, not by the kernel.
+    sequential: list[str] = field(default_factory=list)
+    switch_rate: float = 0.01
 
     def groups(self) -> list[tuple[list[str], list[float]]]:
         """Strategies grouped by the ``weights`` argument they need, so each group is one kernel call."""
         others = [s for s in self.strategies if s != "poe"]
         if "poe" not in self.strategies:
-            return [(others, self.weights)]
+            return [(others, self.weights)] if others else []
         if self.poe_betas == self.weights:
             return [(list(self.strategies), self.weights)]
         return [g for g in ((others, self.weights), (["poe"], self.poe_betas)) if g[0]]
@@ -128,11 +133,12 @@ def evaluate(
     strategy_nll = torch.zeros(len(spec.strategies), dtype=torch.float64)
     strategy_weights = torch.zeros(len(spec.strategies), num_models, dtype=torch.float64)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in [m.name for m in models] + list(spec.strategies)}
+    sequential_log_p = torch.zeros(num_models, len(token_ids) - 1 if spec.sequential else 0, dtype=torch.float64)
 
     forward_s = fusion_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=len(my_windows), desc="kotara", unit="window", disable=not progress or rank != 0)
-    for batch in batches(token_ids, my_windows, batch_size, pad_id):
+    for index, batch in enumerate(batches(token_ids, my_windows, batch_size, pad_id)):
         t0 = time.perf_counter()
         rows = []
         for model in models:
@@ -151,6 +157,9 @@ def evaluate(
         fusion_s += time.perf_counter() - t1
 
         nll = stats["nll"].double().cpu()
+        if spec.sequential:  # every token's tempered log p, at its place in the text (ranks fill disjoint ones)
+            positions = target_positions(my_windows[index * batch_size : (index + 1) * batch_size]) - 1
+            sequential_log_p[:, positions] = -stats["nll_at_temperature"].double().cpu()
         tokens += targets.numel()
         model_nll += nll.sum(1)
         model_nll_sq += (nll * nll).sum(1)
@@ -172,7 +181,7 @@ def evaluate(
     elapsed = time.perf_counter() - start
 
     parts = [tokens[None], model_nll, model_nll_sq, model_nll_tempered, agree, jsd, nll_cross, strategy_nll]
-    parts.append(strategy_weights.flatten())
+    parts += [strategy_weights.flatten(), sequential_log_p.flatten()]
     sums = torch.cat(parts)
     timings = torch.tensor([elapsed, forward_s, fusion_s], dtype=torch.float64)
     if world > 1:
@@ -184,8 +193,11 @@ def evaluate(
         sums, timings = sums.cpu(), timings.cpu()
     sizes = [p.numel() for p in parts]
     (tokens, model_nll, model_nll_sq, model_nll_tempered, agree, jsd, nll_cross, strategy_nll, strategy_weights) = (
-        sums.split(sizes)
+        sums.split(sizes)[:-1]
     )
+    sequential_log_p = sums.split(sizes)[-1].view(num_models, -1)
+    prior = torch.tensor(spec.weights, dtype=torch.float64)
+    sequential = {s: fuse_tokens(sequential_log_p, s, prior, spec.switch_rate) for s in spec.sequential}
     strategy_weights = strategy_weights.view(len(spec.strategies), num_models)
     n = float(tokens.item())
     if n == 0:
@@ -203,12 +215,14 @@ def evaluate(
     ]
     return EvalResult(
         model_names=[m.name for m in models],
-        strategies=list(spec.strategies),
+        strategies=list(spec.strategies) + list(sequential),
         tokens=int(n),
         num_bytes=num_bytes,
         model_nll=model_nll.tolist(),
-        strategy_nll={s: float(strategy_nll[k]) for k, s in enumerate(spec.strategies)},
-        strategy_mean_weights={s: (strategy_weights[k] / n).tolist() for k, s in enumerate(spec.strategies)},
+        strategy_nll={s: float(strategy_nll[k]) for k, s in enumerate(spec.strategies)}
+        | {s: nll for s, (nll, _) in sequential.items()},
+        strategy_mean_weights={s: (strategy_weights[k] / n).tolist() for k, s in enumerate(spec.strategies)}
+        | {s: w for s, (_, w) in sequential.items()},
         pairs=pairs,
         top1_agreement=(agree / n).tolist(),
         mean_jsd=(jsd / n).tolist(),

@@ -26,7 +26,7 @@ import moc_kernels
 from kotara import words
 from kotara.evaluate import _forward_logits, _sync
 from kotara.loading import LoadedModel
-from kotara.windows import Window, batches, rolling_windows
+from kotara.windows import Window, batches, rolling_windows, target_positions
 
 
 @dataclass
@@ -108,11 +108,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _window_targets(windows: Sequence[Window]) -> torch.Tensor:
-    """Absolute indices of the targets the windows score, in the order of ``logits[batch.scored]``."""
-    return torch.cat([torch.arange(w.target_start, w.input_end + 1) for w in windows])
-
-
 @torch.no_grad()
 def position_log_probs(
     item: WordInput,
@@ -143,7 +138,7 @@ def position_log_probs(
         rows, targets = logits[scored], batch.targets.to(model.device)[scored]
         _sync(model.device)
         t1 = time.perf_counter()
-        positions = _window_targets(group) - 1
+        positions = target_positions(group) - 1
         for temperature, arrays in out.items():
             log_p, log_s = moc_kernels.target_and_set_log_probs(rows, targets, in_set, temperature)
             arrays[0, positions] = log_p.double().cpu()

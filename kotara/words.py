@@ -206,6 +206,16 @@ def fuse(
     return (log_w + segment_log_q).logsumexp(0), log_w.exp()
 
 
+def fuse_tokens(
+    log_probs: torch.Tensor, strategy: str, weights: torch.Tensor, switch_rate: float = DEFAULT_SWITCH_RATE
+) -> tuple[float, list[float]]:
+    """``mixture_bayes`` / ``mixture_switch`` per token for models that share a vocabulary: every token is
+    its own segment with q_m = p_m(token). log_probs: [M, n] fp64 in text order. Returns (NLL in nats,
+    the mean weight of each model over the n tokens)."""
+    factors, weights_per_token = fuse(log_probs, strategy, weights, switch_rate)
+    return -float(factors.sum()), weights_per_token.mean(1).tolist()
+
+
 def bits_per_byte(log_prob: float, num_bytes: int) -> float:
     """-log2 of a probability given as ``log_prob`` (nats), per UTF-8 byte."""
     return -log_prob / (math.log(2.0) * num_bytes)

@@ -164,3 +164,34 @@ def test_two_gloo_processes_equal_one_process(workspace, tmp_path, capsys, monke
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
     for key, value in one["bits_per_byte"].items():
         assert math.isclose(two["bits_per_byte"][key], value, rel_tol=1e-6), key
+
+
+def test_per_token_mixture_bayes_is_the_whole_text_mixture_and_switch_at_zero_equals_it(workspace, tmp_path, capsys):
+    """Shared vocabulary, per token: w_{m,k} ∝ w_m prod_{i<k} p_m(x_i), so the fused NLL is
+    -log sum_m w_m P_m(x) of the models at their temperatures; fixed share with alpha = 0 is the same."""
+    out, zero = tmp_path / "t.json", tmp_path / "z.json"
+    argv = common(workspace, "a", "c", extra=["--temp", "0.9", "--weight", "0.3", "--weight", "0.7"])
+    assert run_main([*argv, "--strategy", "all", "--save_metrics", str(out)], capsys)[0] == 0
+    switch_argv = [*argv, "--strategy", "mixture_switch", "--switch_rate", "0", "--save_metrics", str(zero)]
+    assert run_main(switch_argv, capsys)[0] == 0
+    metrics, switch = json.loads(out.read_text()), json.loads(zero.read_text())
+    assert "fusion_unit" not in metrics  # the token path
+    tempered = [m["nll_at_temperature"] for m in metrics["models"]]
+    whole = -torch.logsumexp(
+        torch.tensor([math.log(0.3) - tempered[0], math.log(0.7) - tempered[1]], dtype=torch.float64), 0
+    )
+    bayes = metrics["strategies"]["mixture_bayes"]["nll"]
+    assert abs(bayes - float(whole)) <= 1e-9 * abs(bayes)
+    assert bayes <= min(t - math.log(w) for t, w in zip(tempered, (0.3, 0.7))) + 1e-9
+    assert abs(switch["strategies"]["mixture_switch"]["nll"] - bayes) <= 1e-9 * abs(bayes)
+    assert metrics["strategies"]["mixture_switch"]["nll"] != bayes  # alpha = 0.01 moves the weights
+    assert sum(metrics["strategies"]["mixture_bayes"]["mean_weights"].values()) == pytest.approx(1.0)
+
+
+def test_per_token_posteriors_of_copies_of_one_model_are_that_model(workspace, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    argv = common(workspace, "a", "a", extra=["--strategy", "all", "--save_metrics", str(out)])
+    assert run_main(argv, capsys)[0] == 0
+    bits = json.loads(out.read_text())["bits_per_byte"]
+    for strategy in ("mixture_bayes", "mixture_switch"):
+        assert abs(bits[strategy] - bits["a"]) <= 1e-9
