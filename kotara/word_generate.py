@@ -21,7 +21,7 @@ path: each step runs the model over its whole context (generations here are shor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -62,7 +62,6 @@ class WordGeneration:
     new_tokens: int  # the first model's canonical tokens of the completion
     strategy: str
     finish_reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
