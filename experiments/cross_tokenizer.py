@@ -70,7 +70,7 @@ def mixed_text(cfg: dict[str, Any], held: dict, path: Path) -> Path:
 
 def format_report(results: dict[str, Any]) -> str:
     """The markdown of RESULTS_cross_tokenizer.md (every number from results_cross_tokenizer.json)."""
-    metrics, names = results["kotara"], results["domains"]
+    metrics, names, env = results["kotara"], results["domains"], results["environment"]
     lines = [
         "# Claim 2 across tokenizers: each domain model with its own BPE, fused per word",
         "",
@@ -81,6 +81,11 @@ def format_report(results: dict[str, Any]) -> str:
         + ". Kotara fuses them per closed word (DESIGN §5c; `--strategy all`, equal weights, "
         f"`--switch_rate {metrics['switch_rate']}`, nothing tuned). Token perplexity is not defined across "
         "tokenizers: bits/byte only.",
+        "",
+        f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs (shared with other jobs), torch threads "
+        f"{env['torch_threads']}, GPU: {env['gpu'] or 'none'}; torch {env['versions']['torch']}, triton "
+        f"{env['versions']['triton']}, transformers {env['versions']['transformers']}; code `{env['git_commit']}`. "
+        "Training: " + ", ".join(f"{n} {results['models'][n]['wall_s']:.0f} s" for n in names) + ".",
         "",
         f"### Held-out text: mixed ({metrics['bytes']:,} bytes, {metrics['segments']:,} segments)",
         "",
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "kotara_argv": kotara_argv,
         "kotara": json.loads(metrics_path.read_text()),
         "wall_s": time.time() - start,
+        "environment": experiment.environment(),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results_cross_tokenizer.json").write_text(json.dumps(results, indent=1) + "\n")
