@@ -68,53 +68,75 @@ def mixed_text(cfg: dict[str, Any], held: dict, path: Path) -> Path:
     return path
 
 
-def format_report(results: dict[str, Any]) -> str:
-    """The markdown of RESULTS_cross_tokenizer.md (every number from results_cross_tokenizer.json)."""
-    metrics, names, env = results["kotara"], results["domains"], results["environment"]
-    lines = [
-        "# Claim 2 across tokenizers: each domain model with its own BPE, fused per word",
-        "",
-        f"Written by `{results['command']}` ({results['wall_s']:.0f} s). Claim 2's domains, held-out modules, "
-        "models and Kotara settings, but each domain trains its own byte-level BPE "
-        f"(vocabulary {results['config_vocab_size']}) on its own training modules: "
-        + ", ".join(f"{n} {results['models'][n]['vocab_size']} tokens" for n in names)
-        + ". Kotara fuses them per closed word (DESIGN §5c; `--strategy all`, equal weights, "
-        f"`--switch_rate {metrics['switch_rate']}`, nothing tuned). Token perplexity is not defined across "
-        "tokenizers: bits/byte only.",
-        "",
+def claim_own_tokenizers(cfg: dict[str, Any], out: Path, reuse: bool = False) -> dict[str, Any]:
+    """Train (or reuse) the two own-tokenizer models, run Kotara per word on the mixed text; the summary."""
+    from kotara.cli import main as kotara_main
+
+    start = time.time()
+    models, held = train_domain_models(cfg, out, reuse)
+    text = mixed_text(cfg, held, out / "texts" / "mixed_own_tokenizers.txt")
+    metrics_path = out / "claim2_own_tokenizers" / "kotara_mixed.json"
+    names = list(models)
+    kotara_argv = [arg for n in names for arg in ("--model", models[n]["hf_dir"])]
+    kotara_argv += ["--dataset_path", str(text), "--strategy", "all", "--save_metrics", str(metrics_path)]
+    kotara_argv += ["--no_progress"]
+    for flag, value in cfg["fusion"]["kotara"].items():
+        kotara_argv += [f"--{flag}", str(value)]
+    experiment.log(f"cross-tokenizer: kotara {shlex.join(kotara_argv)}")
+    if kotara_main(kotara_argv) != 0:
+        raise RuntimeError("kotara failed on the mixed text")
+    return {
+        "domains": names,
+        "models": models,
+        "kotara_argv": kotara_argv,
+        "kotara": json.loads(metrics_path.read_text()),
+        "wall_s": time.time() - start,
+    }
+
+
+def format_report(summary: dict[str, Any], command: str, env: dict[str, Any]) -> str:
+    """RESULTS_cross_tokenizer.md: the machine, then the section RESULTS.md's claim 2 shows."""
+    from experiments.report import own_tokenizer_section
+
+    machine = (
         f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs (shared with other jobs), torch threads "
         f"{env['torch_threads']}, GPU: {env['gpu'] or 'none'}; torch {env['versions']['torch']}, triton "
-        f"{env['versions']['triton']}, transformers {env['versions']['transformers']}; code `{env['git_commit']}`. "
-        "Training: " + ", ".join(f"{n} {results['models'][n]['wall_s']:.0f} s" for n in names) + ".",
-        "",
-        f"### Held-out text: mixed ({metrics['bytes']:,} bytes, {metrics['segments']:,} segments)",
-        "",
-        "| | own tokens | bits/byte | gain vs best single (bits/byte) | mean weights a / b |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    bits = metrics["bits_per_byte"]
-    best = min(bits[m["name"]] for m in metrics["models"])
-    for model, name in zip(metrics["models"], names):
-        lines.append(f"| model {model['name']} ({name}) alone | {model['tokens']:,} | {bits[model['name']]:.4f} | "
-                     f"{best - bits[model['name']]:+.4f} | |")  # fmt: skip
-    for s in STRATEGIES:
-        weights = " / ".join(f"{w:.3f}" for w in metrics["strategies"][s]["mean_weights"].values())
-        lines.append(f"| fused {s} | | {bits[s]:.4f} | {best - bits[s]:+.4f} | {weights} |")
-    lines += ["", f"Command: `kotara {shlex.join(results['kotara_argv'])}`", ""]
+        f"{env['versions']['triton']}, transformers {env['versions']['transformers']}; code `{env['git_commit']}`."
+    )
+    lines = ["# Claim 2 across tokenizers", "", f"Written by `{command}`. {machine}", ""]
+    lines += own_tokenizer_section(summary)
+    lines += [f"Kotara command: `kotara {shlex.join(summary['kotara_argv'])}`", ""]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kotara.cli import main as kotara_main
+def fold_into_results(results_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    """Add the summary to the experiment's results.json (claim2.own_tokenizers) and re-render RESULTS.md
+    from it (the figure is left as it is); nothing when results_dir holds no results.json."""
+    from experiments.report import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, render_markdown
 
+    path = results_dir / RESULTS_JSON
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    results["claim2"]["own_tokenizers"] = summary
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (results_dir / RESULTS_MD).write_text(render_markdown(results, figure=(results_dir / RESULTS_PNG).is_file()))
+    return [results_dir / RESULTS_MD, path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m experiments.cross_tokenizer", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="experiment YAML (default experiments/configs/cpu.yaml)")
     p.add_argument("--smoke", action="store_true", help="toy sizes (= --config experiments/configs/smoke.yaml)")
     p.add_argument("--out-dir", help="override out_dir")
-    p.add_argument("--results-dir", help="override results_dir (RESULTS_cross_tokenizer.md and its JSON)")
+    p.add_argument(
+        "--results-dir",
+        help="override results_dir: RESULTS_cross_tokenizer.md and its JSON go there, and the table is folded into "
+        "the results.json and RESULTS.md found there",
+    )
     p.add_argument("--reuse", action="store_true", help="keep finished runs and data in out_dir with the same config")
     args = p.parse_args(argv)
-    start = time.time()
     config = (
         Path(args.config) if args.config else (experiment.SMOKE_CONFIG if args.smoke else experiment.DEFAULT_CONFIG)
     )
@@ -125,40 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out_dir or cfg["out_dir"])
     results_dir = Path(args.results_dir or cfg["results_dir"] or out)
-    models, held = train_domain_models(cfg, out, args.reuse)
-    text = mixed_text(cfg, held, out / "texts" / "mixed_own_tokenizers.txt")
-    metrics_path = out / "claim2_own_tokenizers" / "kotara_mixed.json"
-    names = list(models)
-    kotara_argv = [arg for n in names for arg in ("--model", models[n]["hf_dir"])]
-    kotara_argv += [
-        "--dataset_path",
-        str(text),
-        "--strategy",
-        "all",
-        "--save_metrics",
-        str(metrics_path),
-        "--no_progress",
-    ]
-    for flag, value in cfg["fusion"]["kotara"].items():
-        kotara_argv += [f"--{flag}", str(value)]
-    experiment.log(f"cross-tokenizer: kotara {shlex.join(kotara_argv)}")
-    if kotara_main(kotara_argv) != 0:
-        raise RuntimeError("kotara failed on the mixed text")
-    results = {
-        "command": "python -m experiments.cross_tokenizer"
-        + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ""),
-        "config_vocab_size": cfg["vocab_size"],
-        "domains": names,
-        "models": models,
-        "kotara_argv": kotara_argv,
-        "kotara": json.loads(metrics_path.read_text()),
-        "wall_s": time.time() - start,
-        "environment": experiment.environment(),
-    }
+    summary = claim_own_tokenizers(cfg, out, args.reuse)
+    command = "python -m experiments.cross_tokenizer" + (" " + shlex.join(argv) if argv else "")
+    env = experiment.environment()
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "results_cross_tokenizer.json").write_text(json.dumps(results, indent=1) + "\n")
-    (results_dir / "RESULTS_cross_tokenizer.md").write_text(format_report(results))
-    experiment.log(f"done in {results['wall_s']:.0f} s: {results_dir / 'RESULTS_cross_tokenizer.md'}")
+    record = {"command": command, "environment": env, "config_path": str(config), **summary}
+    (results_dir / "results_cross_tokenizer.json").write_text(json.dumps(record, indent=1) + "\n")
+    (results_dir / "RESULTS_cross_tokenizer.md").write_text(format_report(summary, command, env))
+    written = fold_into_results(results_dir, summary)
+    experiment.log("done: " + ", ".join(str(p) for p in [results_dir / "RESULTS_cross_tokenizer.md", *written]))
     return 0
 
 

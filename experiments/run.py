@@ -67,6 +67,7 @@ FUSION_KEYS: dict[str, Any] = {
     "train": {},
     "domains": REQUIRED,
     "kotara": {},
+    "own_tokenizers": False,  # also train each domain model on its own BPE and fuse them per word (DESIGN §5c)
 }
 KOTARA_KEYS = {"max_length", "stride", "batch_size", "device", "dtype", "kernels"}
 DOCUMENT_UNITS = ("module", "docstring")
@@ -744,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         moc = claim_moc(cfg, out, claim1_modules, args.reuse)
         t2 = time.time()
         fusion = claim_fusion(cfg, out, fusion_modules, args.reuse)
+        if cfg["fusion"]["own_tokenizers"]:
+            from experiments.cross_tokenizer import claim_own_tokenizers
+
+            fusion["own_tokenizers"] = claim_own_tokenizers(cfg, out, args.reuse)
         t3 = time.time()
     except (ExperimentError, DataError) as e:
         if args.debug:
