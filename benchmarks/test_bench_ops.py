@@ -134,3 +134,16 @@ def test_routed_swiglu(benchmark, device, shape, impl, pass_):
         dy = _rand(shape.tokens, shape.top_k, shape.dim, shape=shape, device=device)
         sets.append((x, idx, w1, w3, w2, (dy,)))
     _run(benchmark, fn, sets, pass_, device, shape, "routed_swiglu", impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_target_and_set_log_probs(benchmark, device, shape, impl):
+    """Forward only: log p(target) and log p(word-start tokens) of one model's rows (DESIGN §5c)."""
+    fn = implementation("target_and_set_log_probs", impl, device)
+    sets = []
+    for _ in range(2):
+        logits = _rand(shape.tokens, shape.vocab, shape=shape, device=device) * 3
+        targets = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
+        in_set = torch.rand(shape.vocab, device=device) < 0.4  # about GPT-2's share of "Ġ" tokens
+        sets.append((logits, targets, in_set, 1.0, None))
+    _run(benchmark, fn, sets, "fwd", device, shape, "target_and_set_log_probs", impl)

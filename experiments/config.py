@@ -35,6 +35,7 @@ FUSION_KEYS: dict[str, Any] = {
     "train": {},
     "domains": REQUIRED,
     "kotara": {},
+    "own_tokenizers": False,  # also train each domain model on its own BPE and fuse them per word (DESIGN §5c)
 }
 KOTARA_KEYS = {"max_length", "stride", "batch_size", "device", "dtype", "kernels"}
 DOCUMENT_UNITS = ("module", "docstring")

@@ -218,6 +218,35 @@ def _moc_comparisons(arms: dict[str, Any]) -> list[str]:
 # Markdown: one function per section
 
 
+def own_tokenizer_section(summary: dict[str, Any]) -> list[str]:
+    """Claim 2's extra table: each domain model with its own BPE, fused per word (``experiments.cross_tokenizer``)."""
+    metrics, names = summary["kotara"], summary["domains"]
+    bits = metrics["bits_per_byte"]
+    best = min(bits[m["name"]] for m in metrics["models"])
+    lines = [
+        f"### Extra: each model with its own tokenizer, fused per word (mixed text, {metrics['bytes']:,} bytes, "
+        f"{metrics['segments']:,} segments)",
+        "",
+        "The same domains, held-out modules, model keys and training, but each domain trains its own byte-level BPE "
+        "on its own training modules only ("
+        + ", ".join(f"{n}: {summary['models'][n]['vocab_size']} tokens" for n in names)
+        + "), so the models share no vocabulary and Kotara fuses them per closed word (DESIGN §5c; `--strategy all`, "
+        f"equal weights, `--switch_rate {metrics['switch_rate']}`). Token perplexity is not defined across "
+        f"tokenizers: bits/byte only. Written by `python -m experiments.cross_tokenizer` ({summary['wall_s']:.0f} s; "
+        "training " + ", ".join(f"{n} {summary['models'][n]['wall_s']:.0f} s" for n in names) + ").",
+        "",
+        "| | own tokens | bits/byte | gain vs best single (bits/byte) | mean weights a / b |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model, name in zip(metrics["models"], names):
+        lines.append(_row(f"model {model['name']} ({name}) alone", f"{model['tokens']:,}", _fmt(bits[model["name"]], 4),
+                          f"{best - bits[model['name']]:+.4f}", ""))  # fmt: skip
+    for s, v in metrics["strategies"].items():
+        weights = " / ".join(f"{w:.3f}" for w in v["mean_weights"].values())
+        lines.append(_row(f"fused {s}", "", _fmt(bits[s], 4), f"{best - bits[s]:+.4f}", weights))
+    return lines + [""]
+
+
 def render_markdown(results: dict[str, Any], figure: bool = True) -> str:
     """RESULTS.md from ``results`` (the dictionary written to results.json)."""
     sections = [
@@ -484,6 +513,8 @@ def _section_claim2(results: dict[str, Any]) -> str:
     ]
     for label, ev in c2["evaluations"].items():
         lines += _held_out_text_table(label, ev, primary, letters)
+    if "own_tokenizers" in c2:  # python -m experiments.cross_tokenizer (or fusion.own_tokenizers: true)
+        lines += own_tokenizer_section(c2["own_tokenizers"])
     lines += ["Commentary:", ""]
     lines += [
         "- " + _capitalise(_fusion_sentence(label, ev, primary, letters)) for label, ev in c2["evaluations"].items()

@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         moc = claim_moc(cfg, out, claim1_modules, args.reuse)
         t2 = time.time()
         fusion = claim_fusion(cfg, out, fusion_modules, args.reuse)
+        if cfg["fusion"]["own_tokenizers"]:
+            from experiments.cross_tokenizer import claim_own_tokenizers
+
+            fusion["own_tokenizers"] = claim_own_tokenizers(cfg, out, args.reuse)
         t3 = time.time()
     except (ExperimentError, DataError) as e:
         if args.debug:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from kotara.loading import LoadedModel
 
 PROG = "kotara"
+# Per-token weights learnt from the past tokens (scoring only): the posterior and the fixed share.
+SEQUENTIAL = ("mixture_bayes", "mixture_switch")
 COMMANDS = ("score", "generate")
 
 
@@ -84,9 +86,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_fusion_flags(p: argparse.ArgumentParser, strategy_help: str) -> None:
+def _add_fusion_flags(p: argparse.ArgumentParser, strategy_help: str, default: str | None = "entropy") -> None:
     f = p.add_argument_group("fusion")
-    f.add_argument("--strategy", default="entropy", help=strategy_help)
+    f.add_argument("--strategy", default=default, help=strategy_help)
     f.add_argument(
         "--temp",
         type=float,
@@ -150,7 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_fusion_flags(
-        p, f"one of {', '.join(STRATEGIES)}, or 'all' (every one from the same forwards); default entropy"
+        p,
+        f"per token (one shared vocabulary): one of {', '.join(STRATEGIES + SEQUENTIAL)}, or 'all' (every one from "
+        "the same forwards; mixture_bayes: weights = the posterior given the past tokens, mixture_switch: its fixed "
+        "share with --switch_rate); default entropy. Per word (--fusion_unit word, and models whose tokenizers "
+        "differ): mixture, mixture_bayes, mixture_switch or all (default)",
+        default=None,
+    )
+    w = p.add_argument_group("fusion across tokenizers (DESIGN §5c)")
+    w.add_argument(
+        "--fusion_unit",
+        choices=["token", "word"],
+        default=None,
+        help="token: fuse the logits per token (needs one vocabulary); word: the closed-word mixture, each model "
+        "with its own tokenizer, bits/byte only. Default: token when the models' tokenizers agree, word when "
+        "they differ (then --tokenizer is an error)",
+    )
+    w.add_argument(
+        "--switch_rate",
+        type=float,
+        default=0.01,
+        help="mixture_switch: the share alpha of weight moved back to 1/M after every word (per token: every "
+        "token) (fixed share); default 0.01",
     )
 
     o = p.add_argument_group("output")
@@ -169,7 +192,15 @@ def build_generate_parser() -> argparse.ArgumentParser:
         "over the whole vocabulary. Greedy unless --do_sample.",
     )
     _add_model_flags(p)
-    _add_fusion_flags(p, f"one of {', '.join(STRATEGIES)}; default entropy")
+    _add_fusion_flags(
+        p,
+        f"one of {', '.join(STRATEGIES)}; default entropy. Models whose tokenizers differ generate per word: "
+        "mixture (default), mixture_bayes or mixture_switch (with --switch_rate)",
+        default=None,
+    )
+    p.add_argument(
+        "--switch_rate", type=float, default=0.01, help="mixture_switch per word: the fixed share alpha; default 0.01"
+    )
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
     g.add_argument(
@@ -185,7 +216,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     )
     d = p.add_argument_group("decoding")
     d.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt at most (default 64)")
-    d.add_argument("--do_sample", action="store_true", help="sample from the fused distribution (default: greedy)")
+    d.add_argument(
+        "--do_sample",
+        action="store_true",
+        help="sample from the fused distribution (default: greedy). Per word (different tokenizers): draw a model "
+        "by the weights, then a whole word from it; greedy there asks each model for its greedy next word and "
+        "keeps the one with the highest fused probability",
+    )
     d.add_argument(
         "--sampling_temperature",
         type=float,
@@ -253,7 +290,9 @@ def _fusion_spec(args: argparse.Namespace, count: int, strategies: list[str]) ->
     from kotara.evaluate import FusionSpec
 
     return FusionSpec(
-        strategies=strategies,
+        strategies=[s for s in strategies if s not in SEQUENTIAL],
+        sequential=[s for s in strategies if s in SEQUENTIAL],
+        switch_rate=getattr(args, "switch_rate", 0.01),
         temperatures=_per_model(args.temp, (args.temp_a, args.temp_b), count, 1.0, "temp"),
         weights=_per_model(args.weight, (), count, 1.0 / count, "weight"),
         poe_betas=_per_model(
@@ -273,9 +312,9 @@ def _model_paths(args: argparse.Namespace) -> list[str]:
 
 def _strategies(name: str) -> list[str]:
     if name == "all":
-        return list(STRATEGIES)
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}, or all")
+        return list(STRATEGIES) + list(SEQUENTIAL)
+    if name not in STRATEGIES + SEQUENTIAL:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES + SEQUENTIAL)}, or all")
     return [name]
 
 
@@ -377,12 +416,19 @@ def run(args: argparse.Namespace) -> int:
     from kotara.windows import check_window_args, rolling_windows
 
     # Everything that can be checked cheaply is checked before any model is loaded.
-    strategies = _strategies(args.strategy)
     check_window_args(args.max_length, args.stride)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.chunk_bytes < 1:
         raise ValueError(f"--chunk_bytes must be >= 1, got {args.chunk_bytes}")
+    if args.fusion_unit != "token":  # models with different tokenizers fuse per word (kotara.word_score)
+        from kotara import word_score
+
+        tokenizers = word_score.own_tokenizers(_model_paths(args), args.trust_remote_code)
+        if args.fusion_unit == "word" or word_score.tokenizers_differ(tokenizers):
+            return word_score.run_word_score(args, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    strategies = _strategies(args.strategy)
     paths, device_names, devices, dtypes = _resolve_models(args)
     spec = _fusion_spec(args, len(paths), strategies)
     loading.read_text_pieces(args.dataset_path, args.chunk_bytes)  # missing / non-UTF-8 / empty, before loading
@@ -489,11 +535,19 @@ def run_generate(args: argparse.Namespace) -> int:
     from kotara.report import format_generation, write_jsonl_atomic
 
     _check_decoding_args(args)
-    if args.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {args.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts_file FILE")
+    from kotara import word_score  # models with different tokenizers generate per word (kotara.word_generate)
+
+    tokenizers = word_score.own_tokenizers(_model_paths(args), args.trust_remote_code)
+    if word_score.tokenizers_differ(tokenizers):
+        from kotara.word_generate import run_word_generate
+
+        return run_word_generate(args, prompts, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {args.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     paths, _, devices, dtypes = _resolve_models(args)
     spec = _fusion_spec(args, len(paths), [args.strategy])
     _check_output_dir(args.save_outputs, "--save_outputs")

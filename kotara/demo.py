@@ -41,6 +41,28 @@ def build_tokenizer(directory: Path, words: list[str]) -> Path:
     return directory
 
 
+def build_bpe_tokenizer(directory: Path, text_path: Path, vocab_size: int) -> Path:
+    """A byte-level BPE (GPT-2's pre-tokenizer) trained on the text, <s> </s> <pad>, saved as a HF directory.
+
+    Its tokens start at every space after a word, so fusion per word (``--fusion_unit word``) works with it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([text_path.read_text(encoding="utf-8")], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def build_gpt2(
     directory: Path,
     tokenizer_dir: Path,
@@ -89,13 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_positions", type=int, default=1024)
+    p.add_argument(
+        "--tokenizer",
+        choices=["word", "bpe"],
+        default="word",
+        help="word: one token per word (default); bpe: a byte-level BPE of at most --vocab tokens trained on the text "
+        "(tokens start at spaces, as fusion per word needs)",
+    )
     args = p.parse_args(argv)
     if args.vocab <= len(SPECIAL_TOKENS):
         p.error(f"--vocab must be > {len(SPECIAL_TOKENS)}, got {args.vocab}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     words = [f"w{i}" for i in range(args.vocab - len(SPECIAL_TOKENS))]
     text = write_corpus(args.out_dir / "text.txt", words, args.words)
-    tokenizer_dir = build_tokenizer(args.out_dir / "tokenizer", words)
+    if args.tokenizer == "bpe":
+        tokenizer_dir = build_bpe_tokenizer(args.out_dir / "tokenizer", text, args.vocab)
+    else:
+        tokenizer_dir = build_tokenizer(args.out_dir / "tokenizer", words)
     shape = dict(n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head)
     for name, seed in (("model_a", 1), ("model_b", 2)):
         build_gpt2(args.out_dir / name, tokenizer_dir, seed, lm_head_std=None, **shape)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 import moc_kernels
 from kotara.loading import LoadedModel
 from kotara.similarity import model_pairs, pearson_from_sums, token_stats
-from kotara.windows import Batch, Window, batches
+from kotara.windows import Batch, Window, batches, target_positions
+from kotara.words import fuse_tokens
 
 
 @dataclass
@@ -31,12 +32,16 @@ class FusionSpec:
     temperatures: list[float]
     weights: list[float]  # fixed mixture weights (normalised to sum 1 by the kernel)
     poe_betas: list[float]  # PoE exponents β_i (not normalised: Σβ ≠ 1 sharpens or flattens q)
+    # Per-token weights learnt from the past tokens (kotara.words.fuse_tokens): not one row at a time,
+    # so computed from every token's tempered log-probabilities after the pass, not by the kernel.
+    sequential: list[str] = field(default_factory=list)
+    switch_rate: float = 0.01
 
     def groups(self) -> list[tuple[list[str], list[float]]]:
         """Strategies grouped by the ``weights`` argument they need, so each group is one kernel call."""
         others = [s for s in self.strategies if s != "poe"]
         if "poe" not in self.strategies:
-            return [(others, self.weights)]
+            return [(others, self.weights)] if others else []
         if self.poe_betas == self.weights:
             return [(list(self.strategies), self.weights)]
         return [g for g in ((others, self.weights), (["poe"], self.poe_betas)) if g[0]]
@@ -94,14 +99,21 @@ class _Sums:
     nll_cross: torch.Tensor  # [P] Σ nll_i · nll_j
     strategy_nll: torch.Tensor  # [S] Σ fused NLL
     strategy_weights: torch.Tensor  # [S, M] Σ the weight each model received
+    # [M, T] each model's tempered log p of every target of the text at its place (T = n - 1, or 0 when
+    # no sequential strategy asks for them); ranks fill disjoint positions, so the all-reduce adds zeros.
+    token_log_p: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_models: int, num_pairs: int, num_strategies: int) -> _Sums:
+    def zeros(cls, num_models: int, num_pairs: int, num_strategies: int, num_targets: int = 0) -> _Sums:
         shapes = [(), *[(num_models,)] * 3, *[(num_pairs,)] * 3, (num_strategies,), (num_strategies, num_models)]
+        shapes.append((num_models, num_targets))
         return cls(*(torch.zeros(shape, dtype=torch.float64) for shape in shapes))
 
-    def add(self, scores: _BatchScores, pairs: list[tuple[int, int]], strategies: list[str]) -> None:
-        """Add one batch's per-token statistics and fused NLLs (summed over its tokens, in fp64)."""
+    def add(
+        self, scores: _BatchScores, pairs: list[tuple[int, int]], strategies: list[str], windows: Sequence[Window]
+    ) -> None:
+        """Add one batch (of ``windows``): per-token statistics and fused NLLs, summed over its tokens in
+        fp64, and (when kept) every model's tempered log p of each target at its place in the text."""
         stats, fused = scores.stats, scores.fused
         nll = stats["nll"].double().cpu()
         self.tokens += scores.targets.numel()
@@ -115,6 +127,8 @@ class _Sums:
         for s, strategy in enumerate(strategies):
             self.strategy_nll[s] += fused[strategy].nll.double().sum().cpu()
             self.strategy_weights[s] += fused[strategy].weights.double().sum(1).cpu()
+        if self.token_log_p.shape[1]:
+            self.token_log_p[:, target_positions(windows) - 1] = -stats["nll_at_temperature"].double().cpu()
 
     def flat(self) -> torch.Tensor:
         """Every sum in one fp64 vector (one all-reduce), field order; :meth:`from_flat` undoes it."""
@@ -218,14 +232,18 @@ def _result(
         )
         for k, (i, j) in enumerate(pairs)
     ]
+    prior = torch.tensor(spec.weights, dtype=torch.float64)
+    sequential = {s: fuse_tokens(sums.token_log_p, s, prior, spec.switch_rate) for s in spec.sequential}
     return EvalResult(
         model_names=[m.name for m in models],
-        strategies=list(spec.strategies),
+        strategies=list(spec.strategies) + list(sequential),
         tokens=int(n),
         num_bytes=num_bytes,
         model_nll=model_nll.tolist(),
-        strategy_nll={s: float(sums.strategy_nll[k]) for k, s in enumerate(spec.strategies)},
-        strategy_mean_weights={s: (sums.strategy_weights[k] / n).tolist() for k, s in enumerate(spec.strategies)},
+        strategy_nll={s: float(sums.strategy_nll[k]) for k, s in enumerate(spec.strategies)}
+        | {s: nll for s, (nll, _) in sequential.items()},
+        strategy_mean_weights={s: (sums.strategy_weights[k] / n).tolist() for k, s in enumerate(spec.strategies)}
+        | {s: w for s, (_, w) in sequential.items()},
         pairs=pairs,
         top1_agreement=(sums.agree / n).tolist(),
         mean_jsd=(sums.jsd / n).tolist(),
@@ -269,16 +287,16 @@ def evaluate(
         raise ValueError("keep_token_nll needs a single process")
     my_windows = list(windows)[rank::world]
 
-    sums = _Sums.zeros(num_models, len(pairs), len(spec.strategies))
+    sums = _Sums.zeros(num_models, len(pairs), len(spec.strategies), len(token_ids) - 1 if spec.sequential else 0)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in [m.name for m in models] + list(spec.strategies)}
     forward_s = fusion_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=len(my_windows), desc="kotara", unit="window", disable=not progress or rank != 0)
-    for batch in batches(token_ids, my_windows, batch_size, pad_id):
+    for index, batch in enumerate(batches(token_ids, my_windows, batch_size, pad_id)):
         scores = _score_batch(models, batch, spec, vocab_size, fuse_device)
         forward_s += scores.forward_s
         fusion_s += scores.fusion_s
-        sums.add(scores, pairs, spec.strategies)
+        sums.add(scores, pairs, spec.strategies, my_windows[index * batch_size : (index + 1) * batch_size])
         if keep_token_nll:
             for i, model in enumerate(models):
                 kept[model.name].append(scores.stats["nll"][i].cpu())

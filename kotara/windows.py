@@ -94,6 +94,12 @@ def make_batch(token_ids: torch.Tensor, windows: Sequence[Window], pad_id: int =
     return Batch(input_ids, targets, scored)
 
 
+def target_positions(windows: Sequence[Window]) -> torch.Tensor:
+    """[targets] int64: the absolute index of every target the windows score, in the order of
+    ``logits[batch.scored]`` for their batch (window by window, each in text order)."""
+    return torch.cat([torch.arange(w.target_start, w.input_end + 1) for w in windows])
+
+
 def batches(token_ids: torch.Tensor, windows: Sequence[Window], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
     """``make_batch`` over consecutive groups of ``batch_size`` windows."""
     if batch_size < 1:

@@ -12,6 +12,7 @@ from moc_kernels.ops import (
     fused_logit_nll_multi,
     routed_swiglu,
     small_attention,
+    target_and_set_log_probs,
     topk_gather,
 )
 from moc_kernels.reference.fused_logit_nll import IGNORE_INDEX, STRATEGIES, FusedNLL
@@ -29,6 +30,7 @@ __all__ = [
     "routed_swiglu",
     "set_backend",
     "small_attention",
+    "target_and_set_log_probs",
     "topk_gather",
     "use_backend",
 ]

@@ -70,7 +70,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-KERNEL_OPS = ("expert_swiglu", "topk_gather", "small_attention", "fused_logit_nll", "routed_swiglu")
+KERNEL_OPS = (
+    "expert_swiglu",
+    "topk_gather",
+    "small_attention",
+    "fused_logit_nll",
+    "routed_swiglu",
+    "target_and_set_log_probs",
+)
 
 
 def _version(package: str) -> tuple[int, ...]:

@@ -216,3 +216,27 @@ def fused_log_probs(
     return _implementation("fused_logit_nll", logits[0].device, "fused_log_probs")(
         logits, strategy, temperatures, weights, return_weights
     )
+
+
+def target_and_set_log_probs(
+    logits: torch.Tensor, targets: torch.Tensor, in_set: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, log p(target) and log sum_{t in set} p(t) of softmax(logits / temperature), in one pass over V.
+
+    logits [N, V] fp32|bf16|fp16 (fp64 on the reference); targets [N] int64 in [0, V); in_set [V]
+    bool; temperature > 0. Returns (log_p_target [N], log_p_set [N]) fp32 (fp64 for fp64 logits on
+    the reference). Kotara's fusion across tokenizers (DESIGN §5c) calls it with the set of tokens
+    that start a word.
+    """
+    op = "target_and_set_log_probs"
+    _require(logits.dim() == 2, f"{op}: logits must be [N, V], got shape {tuple(logits.shape)}")
+    num_rows, vocab_size = logits.shape
+    _require(logits.dtype in FLOAT_DTYPES + (torch.float64,), f"{op}: unsupported logits dtype {logits.dtype}")
+    _require(tuple(targets.shape) == (num_rows,), f"{op}: targets must be [N={num_rows}], got {tuple(targets.shape)}")
+    _require(targets.dtype == torch.int64, f"{op}: targets must be int64, got {targets.dtype}")
+    _require(tuple(in_set.shape) == (vocab_size,), f"{op}: in_set must be [V={vocab_size}], got {tuple(in_set.shape)}")
+    _require(in_set.dtype == torch.bool, f"{op}: in_set must be bool, got {in_set.dtype}")
+    _require(math.isfinite(temperature) and temperature > 0, f"{op}: temperature must be > 0, got {temperature}")
+    # The kernel would read out of bounds: check on the device, without waiting for it (no host sync).
+    torch._assert_async(((targets >= 0) & (targets < vocab_size)).all(), f"{op}: target outside [0, V={vocab_size})")
+    return _implementation(op, logits.device)(logits, targets, in_set, temperature)
