@@ -18,6 +18,11 @@ was not built, so this is an argument, not a measurement. One kernel serves ever
 
 Saved for backward: q, k, v (inputs) and the log-sum-exp [N, H, L] fp32 of each row (4 bytes per
 row instead of the L x L softmax); the backward recomputes the scores, the softmax and the entropy.
+The log-sum-exp is kept in units of the raw scores q.k (lse of the scaled scores divided by the
+scale), because both kernels subtract before they scale: (s - max) * scale and (s - lse) * scale,
+never s * scale - max, which a GPU compiler contracts into one fma whose result at the maximal
+entry is the rounding error of s * scale instead of 0 (``tests/test_kernels_compiled_code.py``
+reads the PTX for it; the interpreter never contracts).
 """
 
 from __future__ import annotations
@@ -179,16 +184,18 @@ def _small_attention_fwd(
     )
 
     # Single pass: the whole row (<= 64 keys) is in the tile, so max, sum and output need no rescaling.
-    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
-    scores = tl.where(col_visible, scores, float("-inf"))
-    row_max = tl.max(scores, axis=1)
-    unnorm = tl.exp(scores - row_max[:, None])  # hidden columns: exp(-inf) = 0
+    # raw = q.k unscaled; the maximum is taken on it and subtracted before scaling (module docstring).
+    raw = tl.where(col_visible, _dot(q, tl.trans(k), PRECISION, INTERPRET), float("-inf"))
+    row_max = tl.max(raw, axis=1)
+    shifted = (raw - row_max[:, None]) * scale  # exactly 0 at the maximum; hidden columns -inf
+    unnorm = tl.exp(shifted)
     row_sum = tl.sum(unnorm, axis=1)
     probs = unnorm / row_sum[:, None]
-    lse = row_max + tl.log(row_sum)
-    # Entropy as -sum p log p with log p = s - lse (not lse - sum p s, which cancels when H ~ 0).
-    log_probs = tl.where(col_visible, scores - lse[:, None], 0.0)
+    log_row_sum = tl.log(row_sum)
+    # Entropy as -sum p log p with log p = shifted - log sum (not lse - sum p s, which cancels when H ~ 0).
+    log_probs = tl.where(col_visible, shifted - log_row_sum[:, None], 0.0)
     entropy = -tl.sum(probs * log_probs, axis=1)
+    lse = row_max + log_row_sum / scale  # in raw-score units, for the backward's (raw - lse) * scale
 
     out = _dot(_cast(probs, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
     tl.store(
@@ -300,10 +307,11 @@ def _small_attention_bwd(
     )
     lse = tl.load(lse_ptr + token * stride_sn + head * stride_sh + position * stride_sl, mask=row_valid, other=0.0)
 
-    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
+    raw = _dot(q, tl.trans(k), PRECISION, INTERPRET)
     # Padded rows get P = 0 too, so they add nothing to dK and dV; hidden entries get log P = 0 (finite).
+    # lse is in raw-score units: subtract, then scale (at the maximum raw - lse <= 0 under any fma).
     visible = col_visible & row_valid[:, None]
-    log_probs = tl.where(visible, scores - lse[:, None], 0.0)
+    log_probs = tl.where(visible, (raw - lse[:, None]) * scale, 0.0)
     probs = tl.where(visible, tl.exp(log_probs), 0.0)
     d_probs = _dot(d_out, tl.trans(v), PRECISION, INTERPRET)  # A = dO V^T
     if HAS_D_ENTROPY:
@@ -354,7 +362,10 @@ def _shape_params(
 def small_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: q, k, v [N, L, H, dh] (any strides) -> out [N, L, H, dh] (q.dtype), entropy, lse [N, H, L] fp32."""
+    """Forward: q, k, v [N, L, H, dh] (any strides) -> out [N, L, H, dh] (q.dtype), entropy, lse [N, H, L] fp32.
+
+    lse is the log-sum-exp of each row in units of the raw scores q.k (that of the scaled scores / scale).
+    """
     num_tokens, length, heads, head_dim = q.shape
     out = _empty((num_tokens, length, heads, head_dim), q.dtype, q.device)
     entropy = _empty((num_tokens, heads, length), torch.float32, q.device)
@@ -460,12 +471,18 @@ def _(q, k, v, lse, d_out, d_entropy):
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs
     _, _, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, lse)
+    # Unused outputs (lse always, the entropy when the caller drops it) reach the backward as None,
+    # not as zero-filled [N, H, L] buffers that autograd would otherwise allocate and the kernel read.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, d_out, d_entropy, _d_lse):
     q, k, v, lse = ctx.saved_tensors
-    if d_out is None:
+    if d_out is None and d_entropy is None:
+        return None, None, None
+    if d_out is None:  # only the entropy is used (no caller does this today): its zeros have q's shape
         d_out = torch.zeros_like(q)
     return small_attention_bwd(q, k, v, lse, d_out, d_entropy)
 
