@@ -88,7 +88,7 @@ class CollaborativeExpertsModule(nn.Module):
     """MoC FFN: all experts -> contextualised router -> top-k -> collaborative fusion -> combine.
 
     Parameters: ``w13`` [E, D, 2F] packs the gate (w1 = w13[..., :F]) and up (w3 = w13[..., F:])
-    projections so one tensor feeds both (the kernel takes the two views), ``w2`` [E, F, D].
+    projections so one tensor feeds both (the kernel takes it packed), ``w2`` [E, F, D].
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -119,7 +119,7 @@ class CollaborativeExpertsModule(nn.Module):
             # for a matmul, so the E-expert pass (most of the layer's FLOPs) runs in bf16/fp16.
             dtype = torch.get_autocast_dtype(x.device.type)
             tokens, w13, w2 = tokens.to(dtype), w13.to(dtype), w2.to(dtype)
-        expert_outputs = mk.expert_swiglu(tokens, w13[..., : self.hidden], w13[..., self.hidden :], w2)
+        expert_outputs = mk.expert_swiglu(tokens, w13, None, w2)  # w13 packed: one [E, D, 2F] gradient
 
         # 2. router contextualised by attention among the E expert outputs of each token
         router_context, _ = self.router_attn(expert_outputs)

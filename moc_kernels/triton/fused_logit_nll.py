@@ -455,9 +455,13 @@ def fused_logit_nll_op(
             nll[k] = -torch.logsumexp(alphas[k].log() + target_z - log_sum_exp, dim=0)
     if log_linear:
         # f = sum_i a_i z_i = sum_i (a_i / T_i) (logits_i - m_i); nll = lse(f) - f[t], f[t] = sum_i a_i z_i[t].
+        # (Rows picked one by one: indexing by a Python list would copy the list to the device.)
         inv_temps = device_vector([1.0 / t for t in temperatures], device)[:, None]
-        fused_lse = _fused_lse(logits, row_max, (alphas[log_linear] * inv_temps).contiguous())
-        nll[log_linear] = fused_lse - (alphas[log_linear] * target_z).sum(1)
+        log_linear_alphas = torch.stack([alphas[k] for k in log_linear])  # [S', M, N]
+        fused_lse = _fused_lse(logits, row_max, (log_linear_alphas * inv_temps).contiguous())
+        log_linear_nll = fused_lse - (log_linear_alphas * target_z).sum(1)
+        for row, k in enumerate(log_linear):
+            nll[k] = log_linear_nll[row]
     nll.masked_fill_(targets == IGNORE_INDEX, 0.0)
     return nll, alphas, entropy
 
