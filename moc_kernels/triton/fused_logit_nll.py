@@ -242,7 +242,7 @@ def _fused_lse_kernel(
             else:
                 ptr, stride = p7, r7
             x = tl.load(ptr + row * stride + offs, mask=in_vocab, other=0.0).to(tl.float32)
-            x_shift = x - tl.load(max_ptr + i * num_rows + row)
+            x_shift = x - tl.load(max_ptr + (i * num_rows.to(tl.int64) + row))
             # Padding rows get coefficient 1, not 0: 0 * (-inf) would be NaN (harmless, never stored).
             coef = tl.load(coef_ptr + (strategies * M + i) * num_rows + row, mask=strategy_ok, other=1.0)
             fused += coef[:, None] * x_shift[None, :]
@@ -319,7 +319,7 @@ def _fused_log_probs_kernel(
     for i in tl.static_range(M):
         row_ptr = _model_row(i, row, p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7)
         x = tl.load(row_ptr + offs, mask=in_vocab, other=0.0).to(tl.float32)
-        x_shift = x - tl.load(max_ptr + i * num_rows + row)
+        x_shift = x - tl.load(max_ptr + (i * num_rows.to(tl.int64) + row))
         coef = tl.load(coef_ptr + i * num_rows + row)
         offset = tl.load(offset_ptr + i * num_rows + row)
         term = coef * x_shift + offset  # at a model's maximum: coef * 0 + offset, exactly offset
