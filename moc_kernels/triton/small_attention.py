@@ -41,20 +41,22 @@ from moc_kernels.triton.utils import on_device
 # Keyed by direction, dtype class, then the largest L_PAD (next power of two of L) a tier serves.
 # BLOCK_M is the number of rows (token x position) per program, raised to L_PAD for long L.
 # bf16/fp16: 64 rows, so that sm_90 lowers the products to wgmma (needs >= 64 rows, 4 warps per
-# warpgroup); the backward needs 8 warps (4 spill ~250 B on sm_80) and at least 8 rows per token
+# warpgroup); 8 warps (with 4 the forward spilled 8 B on sm_80 under Triton 3.9 once the maximum was
+# subtracted before scaling, the backward ~250 B); the backward needs at least 8 rows per token
 # (MIN_L_PAD): with 2 or 4 rows per token ptxas spills 40-64 B on sm_80 (checked), so L <= 8 packs
 # 8 tokens per tile (still HBM-bound: ~180 FLOP per byte moved vs ~300 at the H100 ridge).
 # fp32 runs exact IEEE products on the FMA pipes, where the masked blocks are real work, so it
 # packs only 16 rows.
 # The feature axis (dh) is one tile up to BLOCK_D and chunks of CHUNK_D beyond (see the forward
 # kernel); fp32 beyond L = 16 uses one token per tile (32 or 64 rows) and narrow chunks, because its
-# FMA products of 64x64x64 fp32 tiles spilled 400-6,900 B. The bf16 backward chunks dh > 64 by 16:
-# with 32 ptxas spilled 8 B on sm_80 at dh = 256 (L = 64), with 64 up to 900 B.
+# FMA products of 64x64x64 fp32 tiles spilled 400-6,900 B. bf16 chunks dh > 64 by 32 (forward) and
+# 16 (backward): with 64, the forward spilled 8 B on sm_80 (L = 8, dh = 256, Triton 3.9) and the
+# backward up to 900 B; with 32 the backward still spilled 8 B on sm_80 at L = 64, dh = 256.
 # Checked with `python -m moc_kernels.report --ops small_attention` under Triton 3.6 and 3.9: every
 # shipped shape (SHIPPED_SHAPES, dh up to 256, L up to 64) compiles with 0 spills and <= 99 KiB.
 CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
     "fwd": {
-        "bf16": {64: {"BLOCK_M": 64, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1}},
+        "bf16": {64: {"BLOCK_M": 64, "BLOCK_D": 64, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1}},
         "fp32": {
             16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
             32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
