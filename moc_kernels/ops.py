@@ -29,18 +29,27 @@ def _implementation(op: str, device: torch.device, function: str | None = None):
     return getattr(backend.kernel_module(op), function or op)
 
 
-def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
     """All E experts' SwiGLU on every token: x [N, D], w1/w3 [E, D, F], w2 [E, F, D] -> Y [N, E, D].
 
     ``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]``; fp32|bf16|fp16, fp32 accumulation,
-    output in x's dtype. w1 and w3 may be views of one packed [E, D, 2F] tensor.
+    output in x's dtype. With ``w3=None``, w1 is the packed w13 [E, D, 2F] (gate = w13[..., :F], up =
+    w13[..., F:]): pass it packed rather than as two views, so that its gradient is written as one
+    [E, D, 2F] tensor instead of two zero-padded halves that autograd adds.
     """
     _require(x.dim() == 2, f"expert_swiglu: x must be [N, D], got shape {tuple(x.shape)}")
-    _require(
-        w1.dim() == 3 and w1.shape == w3.shape,
-        f"expert_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
-    )
-    num_experts, dim, hidden = w1.shape
+    if w3 is None:
+        _require(
+            w1.dim() == 3 and w1.shape[2] % 2 == 0,
+            f"expert_swiglu: packed w13 must be [E, D, 2F], got shape {tuple(w1.shape)}",
+        )
+        num_experts, dim, hidden = w1.shape[0], w1.shape[1], w1.shape[2] // 2
+    else:
+        _require(
+            w1.dim() == 3 and w1.shape == w3.shape,
+            f"expert_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
+        )
+        num_experts, dim, hidden = w1.shape
     _require(x.shape[1] == dim, f"expert_swiglu: x has D={x.shape[1]} but w1 expects D={dim}")
     _require(
         tuple(w2.shape) == (num_experts, hidden, dim),
@@ -115,6 +124,11 @@ def small_attention(
         f"small_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
     )
     _require(q.dtype in FLOAT_DTYPES, f"small_attention: unsupported dtype {q.dtype}")
+    # One dtype for all three: the kernel's tl.dot of bf16 by fp32 does not compile on a GPU.
+    _require(
+        q.dtype == k.dtype == v.dtype,
+        f"small_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype",
+    )
     return _implementation("small_attention", q.device)(q, k, v, return_entropy)
 
 

@@ -103,7 +103,7 @@ class CollaborativeExpertsModule(nn.Module):
     """MoC FFN: all experts -> contextualised router -> top-k -> collaborative fusion -> combine.
 
     Parameters: ``w13`` [E, D, 2F] packs the gate (w1 = w13[..., :F]) and up (w3 = w13[..., F:])
-    projections so one tensor feeds both (the kernel takes the two views), ``w2`` [E, F, D].
+    projections so one tensor feeds both (the kernel takes it packed), ``w2`` [E, F, D].
     The ablations of DESIGN §2b drop the modules they do not use (so DDP sees no unused parameter
     and the parameter count is honest): ``router_context: false`` has no ``router_attn``/``router_norm``,
     ``collaboration: false`` no ``collab_attn``/``collab_norm``/``collab_ffn``.
@@ -135,7 +135,7 @@ class CollaborativeExpertsModule(nn.Module):
 
         # 1. every expert on every token: [N, E, D]
         tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
-        expert_outputs = mk.expert_swiglu(tokens, w13[..., : self.hidden], w13[..., self.hidden :], w2)
+        expert_outputs = mk.expert_swiglu(tokens, w13, None, w2)  # w13 packed: one [E, D, 2F] gradient
 
         # 2. router contextualised by attention among the E expert outputs of each token
         # (router_context: false routes on the token itself, s = x, as a standard MoE router does)

@@ -82,6 +82,16 @@ def test_problems_flags_spills_shared_overflow_and_missing_wgmma():
     assert "spills 264" in found[0] and "wgmma" in found[1] and "shared memory" in found[2]
 
 
+def test_problems_flags_shared_memory_beyond_the_smallest_claimed_gpu():
+    """sm_86/sm_89 GPUs allow 99 KiB per block: a config that fits sm_90's 227 KiB may still not launch there."""
+    row = dict(kernel="k", config="c", arch="sm_90", registers=128, spill_bytes=0, shared_bytes=99 * 1024)
+    row |= dict(tensor_cores="wgmma", matmul=True)
+    assert problems([row]) == []
+    for arch in ("sm_80", "sm_90"):
+        found = problems([{**row, "arch": arch, "shared_bytes": 99 * 1024 + 1}])
+        assert len(found) == 1 and "shared memory" in found[0], found
+
+
 @pytest.mark.slow
 def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
     proc = run_python(["-m", "moc_kernels.report", "--json"])
@@ -101,11 +111,23 @@ def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
 
 def test_summary_aggregates_per_kernel_and_arch():
     def row(kernel, arch, registers, spill, shared, cores):
-        return dict(kernel=kernel, config="c", arch=arch, registers=registers, spill_bytes=spill,
-                    shared_bytes=shared, tensor_cores=cores, matmul=True)
+        return dict(
+            kernel=kernel,
+            config="c",
+            arch=arch,
+            registers=registers,
+            spill_bytes=spill,
+            shared_bytes=shared,
+            tensor_cores=cores,
+            matmul=True,
+        )
 
-    rows = [row("k1", "sm_90", 96, 0, 2048, "wgmma"), row("k1", "sm_90", 168, 8, 65536, "wgmma"),
-            row("k1", "sm_80", 128, 0, 1024, "mma"), row("k2", "sm_80", 40, 0, 0, None)]
+    rows = [
+        row("k1", "sm_90", 96, 0, 2048, "wgmma"),
+        row("k1", "sm_90", 168, 8, 65536, "wgmma"),
+        row("k1", "sm_80", 128, 0, 1024, "mma"),
+        row("k2", "sm_80", 40, 0, 0, None),
+    ]
     lines = format_summary(rows).splitlines()[2:]
     assert lines == [
         "| k1 | sm_90 | 2 | 96-168 | 8 | 64 | wgmma |",

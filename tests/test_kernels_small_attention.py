@@ -1,6 +1,5 @@
 """Triton small_attention vs its reference: forward, entropy, and q/k/v gradients (interpreter on CPU)."""
 
-
 import pytest
 import torch
 
@@ -82,6 +81,42 @@ def test_longest_rows_one_token_per_tile(nan_outputs, dtype):
     check_against_reference(q, k, v, return_entropy=True, dtype=dtype)
 
 
+# Feature chunks (dh above the config's BLOCK_D: several chunks, the last ragged or fully masked) and
+# fp32 rows longer than 16 (the 32- and 64-row tiers), which the GPU shapes dh = 128/256 and the
+# router of a 32/64-expert model take.
+@pytest.mark.parametrize(
+    "dtype, length, head_dim, num_tokens",
+    [
+        (torch.bfloat16, 3, 160, 5),
+        (torch.float32, 2, 80, 9),
+        (torch.float32, 20, 40, 3),
+        (torch.float32, 33, 24, 2),
+    ],
+    ids=["bf16-L3-dh160", "fp32-L2-dh80", "fp32-L20-dh40", "fp32-L33-dh24"],
+)
+def test_feature_chunks_and_long_fp32_rows(nan_outputs, dtype, length, head_dim, num_tokens):
+    q, k, v = make_qkv(length, head_dim, dtype, num_tokens=num_tokens)
+    check_against_reference(q, k, v, return_entropy=True, dtype=dtype)
+
+
+def test_mixed_qkv_dtypes_are_a_clear_error():
+    """A bf16 x fp32 tl.dot runs in the interpreter but does not compile for a GPU: one dtype for all."""
+    q, k, v = (t.detach() for t in make_qkv(3, 16, torch.bfloat16, num_tokens=2))
+    for backend_name in ("triton", "reference"):
+        with mk.use_backend(backend_name), pytest.raises(ValueError, match="q, k, v dtypes differ"):
+            mk.small_attention(q, k.float(), v)
+
+
+def test_compile_specs_cover_wide_heads_and_long_fp32_rows():
+    """The report compiles what GPUs will launch: dh = 64, 128, 256, and fp32 beyond L = 16."""
+    module = backend.kernel_module("small_attention")
+    shipped = set(module.SHIPPED_SHAPES)
+    for dtype_key in ("bf16", "fp32"):
+        assert {dh for key, _, dh in shipped if key == dtype_key} >= {64, 128, 256}, dtype_key
+    assert max(length for key, length, _ in shipped if key == "fp32") == module.MAX_L
+    assert len(module.compile_specs()) == 2 * len(shipped)  # one forward and one backward per shape
+
+
 @pytest.mark.parametrize("dtype, length", [(torch.float32, 3), (torch.bfloat16, 6)], ids=["fp32-L3", "bf16-L6"])
 def test_without_entropy_and_strided_inputs(nan_outputs, dtype, length):
     # q, k, v as views of one packed [N, L, 3, H, dh] projection (what a fused qkv matmul gives).
@@ -105,6 +140,7 @@ def test_single_dominant_score_gives_zero_entropy(nan_outputs):
 
 def test_torch_compile_fullgraph_matches_eager():
     q, k, v = make_qkv(3, 20, torch.float32, num_tokens=9)
+
     # The public op: the backend dispatch and the custom op (fake + autograd) trace without breaks.
     def loss_fn(q, k, v):
         out, entropy = mk.small_attention(q, k, v, return_entropy=True)

@@ -1,6 +1,7 @@
 """Triton ``expert_swiglu``: every expert's SwiGLU on every token, forward and backward.
 
-x [N, D], w1, w3 [E, D, F] (may be strided views of one packed [E, D, 2F]), w2 [E, F, D] -> Y [N, E, D].
+x [N, D], w13 [E, D, 2F] (gate w1 = w13[..., :F] and up w3 = w13[..., F:], read as strided views of
+the one tensor), w2 [E, F, D] -> Y [N, E, D]. Separate w1, w3 are concatenated into such a w13 first.
 
 Forward, two grouped GEMMs (a grid axis per expert e):
   1. ``_expert_dual_matmul`` (epilogue "swiglu"): G_e = x W1_e and U_e = x W3_e accumulated in the
@@ -12,8 +13,13 @@ Backward (dY [N, E, D]):
   3. ``_swiglu_grad``: dH_e = dY_e W2_e^T with silu' fused in its epilogue -> dG, dU, and H again
      (for dW2). In recompute mode the same K loop over D also accumulates G = x W1_e, U = x W3_e.
   4. ``_dx``: dx = sum_e dG_e W1_e^T + dU_e W3_e^T, one program per output tile, no atomics.
-  5. ``_expert_dual_matmul`` (epilogue "plain"): dW1_e = x^T dG_e and dW3_e = x^T dU_e share x^T.
+  5. ``_expert_dual_matmul`` (epilogue "plain"): dW1_e = x^T dG_e and dW3_e = x^T dU_e share x^T;
+     they are written by strides into the two halves of one [E, D, 2F] gradient of w13 (no
+     slice_backward, no zero-filled [E, D, 2F] per half, no add).
   6. ``_expert_matmul``: dW2_e = H_e^T dY_e.
+Steps 4-6 run only for the inputs whose gradient autograd asks for (frozen weights skip their GEMMs).
+Autograd hands None, not zeros, for the unused G, U outputs (``set_materialize_grads(False)``): two
+[N, E, F] zero tensors per layer and step otherwise.
 
 Saved for backward (besides the inputs x, w1, w3, w2, which autograd keeps anyway):
   * default (``RECOMPUTE_GATE_UP = False``): G and U, [N, E, F] each in x's dtype:
@@ -24,6 +30,9 @@ The reference's autograd keeps gate, silu(gate), up and hidden in fp32 (4 * N * 
 
 All products accumulate in fp32; G, U, H, dG, dU are stored in x's dtype (the precision the
 tensor-core GEMMs consume). fp32 inputs use exact fp32 products (``input_precision="ieee"``).
+fp16 caveat (not changed): under GradScaler's scale (65,536 at the start) dG and dU may exceed fp16's
+65,504 where the reference keeps fp32; such a step is skipped by the scaler like any overflow. bf16
+(the trainer's CUDA default) has fp32's range.
 """
 
 from __future__ import annotations
@@ -555,7 +564,9 @@ def _forward_plans(x, w1, w3, w2, recompute: bool):
     return y, g, u, plans
 
 
-def _backward_plans(dy, x, w1, w3, w2, g, u, recompute: bool):
+def _backward_plans(dy, x, w1, w3, w2, g, u, recompute: bool, needs=(True, True, True)):
+    """Buffers and launches of the backward: ((dx, dw13, dw2), plans). ``needs`` says which of x, w13,
+    w2 want a gradient; the others get a 0-element tensor and their GEMM is not planned."""
     n_tokens, dim = x.shape
     num_experts, _, hidden = w1.shape
     shape_h = (n_tokens, num_experts, hidden)
@@ -564,25 +575,32 @@ def _backward_plans(dy, x, w1, w3, w2, g, u, recompute: bool):
     h = _empty(shape_h, x.dtype, x.device)
     if recompute:
         g = u = h  # never read when RECOMPUTE
-    dx = _empty((n_tokens, dim), x.dtype, x.device)
-    dw1 = _empty(tuple(w1.shape), w1.dtype, w1.device)
-    dw3 = _empty(tuple(w3.shape), w3.dtype, w3.device)
-    dw2 = _empty(tuple(w2.shape), w2.dtype, w2.device)
-    plans = [
-        _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute),
-        _plan_dx(dg, du, w1, w3, dx),
-        _plan_dw13(x, dg, du, dw1, dw3),
-        _plan_dw2(h, dy, dw2),
-    ]
-    return (dx, dw1, dw3, dw2), plans
+    need_dx, need_dw13, need_dw2 = needs
+    dx = _empty((n_tokens, dim) if need_dx else (0,), x.dtype, x.device)
+    dw13 = _empty((num_experts, dim, 2 * hidden) if need_dw13 else (0,), w1.dtype, w1.device)
+    dw2 = _empty(tuple(w2.shape) if need_dw2 else (0,), w2.dtype, w2.device)
+    plans = [_plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute)]
+    if need_dx:
+        plans.append(_plan_dx(dg, du, w1, w3, dx))
+    if need_dw13:
+        plans.append(_plan_dw13(x, dg, du, dw13[..., :hidden], dw13[..., hidden:]))
+    if need_dw2:
+        plans.append(_plan_dw2(h, dy, dw2))
+    return (dx, dw13, dw2), plans
+
+
+def _gate_up_views(w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 [E, D, 2F] -> (w1, w3), its two [E, D, F] halves as views (same strides)."""
+    hidden = w13.shape[2] // 2
+    return w13[..., :hidden], w13[..., hidden:]
 
 
 @torch.library.custom_op("moc_kernels::expert_swiglu_fwd", mutates_args=())
 def _expert_swiglu_fwd(
-    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, recompute: bool
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, recompute: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Y [N, E, D], G [N, E, F], U [N, E, F]); G and U are 0-element when ``recompute``."""
-    y, g, u, plans = _forward_plans(x, w1, w3, w2, recompute)
+    y, g, u, plans = _forward_plans(x, *_gate_up_views(w13), w2, recompute)
     with on_device(x):
         for plan in plans:
             plan.run()
@@ -590,8 +608,8 @@ def _expert_swiglu_fwd(
 
 
 @_expert_swiglu_fwd.register_fake
-def _(x, w1, w3, w2, recompute):
-    num_experts, dim, hidden = w1.shape
+def _(x, w13, w2, recompute):
+    num_experts, hidden, dim = w2.shape
     y = x.new_empty((x.shape[0], num_experts, dim))
     if recompute:
         return y, x.new_empty(0), x.new_empty(0)
@@ -602,15 +620,16 @@ def _(x, w1, w3, w2, recompute):
 def _expert_swiglu_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
-    w1: torch.Tensor,
-    w3: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
     g: torch.Tensor,
     u: torch.Tensor,
     recompute: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [N, D], dw1 [E, D, F], dw3 [E, D, F], dw2 [E, F, D]) from dY [N, E, D]."""
-    grads, plans = _backward_plans(dy, x, w1, w3, w2, g, u, recompute)
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [N, D], dw13 [E, D, 2F], dw2 [E, F, D]) from dY [N, E, D]; 0-element where ``needs`` (for x,
+    w13, w2) is False."""
+    grads, plans = _backward_plans(dy, x, *_gate_up_views(w13), w2, g, u, recompute, tuple(needs))
     with on_device(x):
         for plan in plans:
             plan.run()
@@ -618,40 +637,44 @@ def _expert_swiglu_bwd(
 
 
 @_expert_swiglu_bwd.register_fake
-def _(dy, x, w1, w3, w2, g, u, recompute):
-    return x.new_empty(x.shape), w1.new_empty(w1.shape), w3.new_empty(w3.shape), w2.new_empty(w2.shape)
+def _(dy, x, w13, w2, g, u, recompute, needs):
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip((x, w13, w2), needs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w1, w3, w2, recompute = inputs
+    x, w13, w2, recompute = inputs
     _, g, u = output
     ctx.recompute = recompute
     ctx.mark_non_differentiable(g, u)
-    ctx.save_for_backward(x, w1, w3, w2, g, u)
+    ctx.save_for_backward(x, w13, w2, g, u)
+    # G and U are outputs only to be saved: autograd passes None for them, not [N, E, F] zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dg, _du):
-    x, w1, w3, w2, g, u = ctx.saved_tensors
-    dx, dw1, dw3, dw2 = _expert_swiglu_bwd(dy, x, w1, w3, w2, g, u, ctx.recompute)
-    return dx, dw1, dw3, dw2, None
+    needs = list(ctx.needs_input_grad[:3])
+    if dy is None or not any(needs):
+        return None, None, None, None
+    x, w13, w2, g, u = ctx.saved_tensors
+    grads = _expert_swiglu_bwd(dy, x, w13, w2, g, u, ctx.recompute, needs)
+    return *(grad if need else None for grad, need in zip(grads, needs)), None
 
 
 _expert_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
     """``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` for every token n and expert e.
 
-    x: [N, D]; w1, w3: [E, D, F] (any strides, e.g. views of one packed [E, D, 2F]); w2: [E, F, D];
-    fp32|bf16|fp16. Weights of another dtype are cast to x's (differentiably, like autocast).
-    Returns Y: [N, E, D] in x's dtype, token-major. Differentiable in all four inputs.
-    Saved for backward: G and U ([N, E, F], x's dtype) unless ``RECOMPUTE_GATE_UP`` is set.
+    x: [N, D]; w1, w3: [E, D, F], or w3 None and w1 the packed w13 [E, D, 2F] (w1 = w13[..., :F],
+    w3 = w13[..., F:]: one tensor, one gradient, the layout the model stores); w2: [E, F, D];
+    fp32|bf16|fp16. Separate w1, w3 are concatenated into a w13 (a copy of the weights). Weights of
+    another dtype are cast to x's (differentiably, like autocast). Returns Y: [N, E, D] in x's dtype,
+    token-major. Differentiable in all inputs. Saved for backward: G and U ([N, E, F], x's dtype)
+    unless ``RECOMPUTE_GATE_UP`` is set.
     """
-    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
-    if w1.stride() != w3.stride():
-        # The gate/up kernel addresses both with one set of strides' meaning; rare, so copy.
-        w1, w3 = w1.contiguous(), w3.contiguous()
-    y, _, _ = _expert_swiglu_fwd(x, w1, w3, w2, RECOMPUTE_GATE_UP)
+    w13 = w1 if w3 is None else torch.cat([w1, w3], dim=-1)
+    y, _, _ = _expert_swiglu_fwd(x, w13.to(x.dtype), w2.to(x.dtype), RECOMPUTE_GATE_UP)
     return y
 
 

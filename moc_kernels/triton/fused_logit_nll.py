@@ -4,17 +4,24 @@ Same semantics as ``moc_kernels.reference.fused_logit_nll`` (its docstring is th
 non-finite rules, IGNORE_INDEX targets). Two passes over the vocabulary, one program per row:
 
   pass 1 ``_model_stats_kernel`` (once per model): an online sweep over V in tiles keeps the running
-    maximum m, s = sum exp(z - m), u = sum exp(z - m) (z - m), r = s - 1 (the sum without one entry
-    at the maximum, so that log s = log1p(r) keeps its precision on peaked rows, where the entropy
-    weights need it) and the second-largest z, with z = logits / T; it also reads the target's
-    logit. Out: lse, entropy, top1-top2 probability gap and z[target] per model and row ([M, N]
-    fp32 each).
+    maximum m of the raw logits x, s = sum exp(z), u = sum exp(z) z, r = s - 1 (the sum without one
+    entry at the maximum, so that log s = log1p(r) keeps its precision on peaked rows, where the
+    entropy weights need it) and the second-largest logit, with z = (x - m) / T the shifted tempered
+    logit; it also reads the target's logit. Out per model and row ([M, N] fp32 each): m, log s,
+    entropy, top1-top2 probability gap and z[target] (so lse(x / T) = m / T + log s).
   weights (torch, [M, N], tiny): ``strategy_weights`` of the reference, from those statistics.
-    The linear pools (mixture*) are finished here: log q[t] = logsumexp_i(log a_i + z_i[t] - lse_i).
+    The linear pools (mixture*) are finished here: log q[t] = logsumexp_i(log a_i + z_i[t] - log s_i).
   pass 2 ``_fused_lse_kernel`` (log-linear pools only): the log-sum-exp over V of
-    f = sum_i (a_i / T_i) logits_i for every requested log-linear strategy at once, reading the M
+    f = sum_i (a_i / T_i) (x_i - m_i) for every requested log-linear strategy at once, reading the M
     models' tiles together (M <= 8 pointers as separate arguments, unrolled with a constexpr M).
     nll = lse(f) - f[t], and f[t] = sum_i a_i z_i[t] comes from pass 1.
+
+Why every kernel subtracts the maximum before it scales, (x - m) / T and never x / T - m: a GPU
+compiler contracts x * (1/T) - m into one fma, which rounds once, so at the maximal entry it returns
+the rounding error of x / T (up to half an ulp of m, 4e-6 at x = 80) instead of 0, and the entropy of
+a confident row came out negative (H + EPS < 0 flips the entropy weights; log of it is NaN). x - m is
+exact at the maximum and 0 / T is 0, whatever the compiler contracts; the interpreter never
+contracts, so ``tests/test_kernels_compiled_code.py`` reads the PTX for that pattern instead.
 
 Bytes moved: each model's logits are read twice (once if only mixtures are asked for); everything
 else is O(M N). Row offsets are int64 (N V may exceed 2^31). Logits may be fp32, bf16 or fp16 and
@@ -23,13 +30,17 @@ row-strided (the last dimension must be contiguous; otherwise it is copied).
 ``fused_log_probs`` (the distribution generation samples from, DESIGN §5a) reuses both passes and
 adds a third that writes log q [N, V] fp32, one program per (row, tile of V):
   pass 1 as above (no target), weights a [M, N] in torch as above;
-  log-linear pools: pass 2 gives lse(f) for f = sum_i (a_i / T_i) logits_i, then
+  log-linear pools: pass 2 gives lse(f) for f = sum_i (a_i / T_i) (x_i - m_i), then
     ``_fused_log_probs_kernel`` writes log q = f - lse(f);
-  mixtures: ``_fused_log_probs_kernel`` writes log q = logsumexp_i((1 / T_i) logits_i + log a_i - lse_i)
-    per element, with lse_i from pass 1.
-Both are sum_i / logsumexp_i of (coef_i x_i + offset_i) with per-row coef and offset [M, N], so one
-kernel with a constexpr switch does both. Rows whose logits hold +inf or NaN (pass 1's lse is not
-finite) get offset NaN, hence NaN everywhere, as the reference documents.
+  mixtures: ``_fused_log_probs_kernel`` writes log q = logsumexp_i((x_i - m_i) / T_i + log a_i - log s_i)
+    per element, with m_i and log s_i from pass 1.
+Both are sum_i / logsumexp_i of (coef_i (x_i - m_i) + offset_i) with per-row coef and offset [M, N],
+so one kernel with a constexpr switch does both. Rows whose logits hold +inf or NaN (pass 1's log s
+is not finite) get offset NaN, hence NaN everywhere, as the reference documents.
+
+No host synchronisation: targets are checked by a device-side assert, and temperatures and weights
+reach the device as kernel arguments (scalars, or fills of ``device_vector``), never as a blocking
+host-to-device copy (generation calls ``fused_log_probs`` every decoding step).
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from moc_kernels.reference.fused_logit_nll import (
     strategy_weights,
 )
 from moc_kernels.triton.compile_spec import KernelSpec
-from moc_kernels.triton.utils import on_device
+from moc_kernels.triton.utils import device_vector, on_device
 
 MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
@@ -64,7 +75,9 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     },
     "fused_lse": {
         "small": {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1},
-        "large": {"BLOCK_V": 2048, "num_warps": 8, "num_stages": 1},
+        # 16 warps: with 8, M = 8 models x 4 strategies in bf16 spilled 8 B on sm_90 under Triton 3.6
+        # once each model's row maximum is subtracted before scaling (module docstring).
+        "large": {"BLOCK_V": 2048, "num_warps": 16, "num_stages": 1},
     },
     # One program per (row, tile): no loop, so the tile only sets the grid's granularity; M loads and
     # one fp32 store per element. 8 warps for the large tile: with 4, M = 8 mixtures in fp32 spilled
@@ -94,7 +107,8 @@ def _model_stats_kernel(
     logits_ptr,  # [N, V] fp32|bf16|fp16, row stride row_stride, unit column stride
     row_stride,
     targets_ptr,  # [N] int64
-    lse_ptr,  # [N] fp32 out: log sum exp(z), z = logits / T
+    max_ptr,  # [N] fp32 out: m, the row's largest logit (raw, not divided by T)
+    log_sum_exp_ptr,  # [N] fp32 out: log s, s = sum exp(z), z = (logits - m) / T
     entropy_ptr,  # [N] fp32 out: entropy of softmax(z)
     gap_ptr,  # [N] fp32 out: p(top1) - p(top2)
     target_z_ptr,  # [N] fp32 out: z[target] (0 where ignored)
@@ -106,39 +120,43 @@ def _model_stats_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
     row_ptr = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK_V)
-    # The running maximum starts at -FLT_MAX, not -inf: then exp(z - m) is 0 (not NaN) for z = -inf
+    # Maxima and the second-largest value are kept on the raw logits; every difference to the
+    # maximum is taken before scaling by 1/T (module docstring: exact 0 at the maximum under any fma).
+    # The running maximum starts at -FLT_MAX, not -inf: then exp(z) is 0 (not NaN) for x = -inf
     # and for masked lanes, and a row that starts with -inf entries needs no special case.
     # +inf or NaN still poison s (exp(inf - inf), exp(NaN)), which makes every statistic NaN.
     run_max = tl.full((), -FLT_MAX, tl.float32)
     run_second = tl.full((), float("-inf"), tl.float32)
-    sum_exp = tl.full((), 0.0, tl.float32)  # s = sum exp(z - m)
-    sum_exp_shift = tl.full((), 0.0, tl.float32)  # u = sum exp(z - m) (z - m)
+    sum_exp = tl.full((), 0.0, tl.float32)  # s = sum exp(z), z = (x - m) / T
+    sum_exp_shift = tl.full((), 0.0, tl.float32)  # u = sum exp(z) z
     sum_exp_rest = tl.full((), 0.0, tl.float32)  # r = s - 1, summed without the running maximum's e^0
     for start in tl.range(0, vocab_size, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf")).to(tl.float32)
         # top-2 as a multiset: a tied maximum within the tile is also the tile's second value.
-        tile_max = tl.max(z, 0)
-        at_max = z == tile_max
-        tile_second = tl.max(tl.where(at_max, float("-inf"), z), 0)
+        tile_max = tl.max(x, 0)
+        at_max = x == tile_max
+        tile_second = tl.max(tl.where(at_max, float("-inf"), x), 0)
         ties = tl.sum(at_max.to(tl.int32), 0)
         tile_second = tl.where(ties > 1, tile_max, tile_second)
         new_max = tl.maximum(run_max, tile_max)
         run_second = tl.maximum(tl.maximum(run_second, tile_second), tl.minimum(run_max, tile_max))
-        # Rescaling to the new maximum m' (d = m - m' <= 0):
-        #   s' = e^d s + sum_tile e^(z - m')
-        #   u' = sum e^(z - m') (z - m') = e^d sum e^(z - m) ((z - m) + d) = e^d (u + d s) + sum_tile ...
-        shift = run_max - new_max
+        # Rescaling to the new maximum m' (d = (m - m') / T <= 0):
+        #   s' = e^d s + sum_tile e^z'
+        #   u' = sum e^z' z' = e^d sum e^z (z + d) = e^d (u + d s) + sum_tile ...
+        # d is clamped at -FLT_MAX: the first tile's (-FLT_MAX - m') / T overflows to -inf for T < 1,
+        # and -inf * s (s = 0) would be NaN.
+        shift = tl.maximum((run_max - new_max) * inv_temperature, -FLT_MAX)
         rescale = tl.exp(shift)
-        z_shift = z - new_max
+        z_shift = (x - new_max) * inv_temperature
         e = tl.exp(z_shift)
-        # z = -inf gives e = 0 and z - m' = -inf; their product must count as 0, not NaN.
-        e_shift = e * tl.where(z == float("-inf"), 0.0, z_shift)
+        # x = -inf gives e = 0 and z' = -inf; their product must count as 0, not NaN.
+        e_shift = e * tl.where(x == float("-inf"), 0.0, z_shift)
         sum_exp_shift = rescale * (sum_exp_shift + shift * sum_exp) + tl.sum(e_shift, 0)
         sum_exp = rescale * sum_exp + tl.sum(e, 0)
         # r' = e^d r + (the tile without one of its maxima) + e^(old or tile maximum - m'), whichever
         # of the two maxima is not the new one (ties with the running maximum add their e^0 = 1).
-        e_tile_max = tl.exp(tile_max - new_max)
+        e_tile_max = tl.exp((tile_max - new_max) * inv_temperature)
         tile_rest = tl.sum(tl.where(at_max, 0.0, e), 0) + (ties - 1).to(tl.float32) * e_tile_max
         sum_exp_rest = rescale * sum_exp_rest + tile_rest + tl.where(tile_max > run_max, rescale, e_tile_max)
         run_max = new_max
@@ -149,14 +167,16 @@ def _model_stats_kernel(
         one_plus_rest == 1.0, sum_exp_rest, tl.log(one_plus_rest) * (sum_exp_rest / (one_plus_rest - 1.0))
     )
     log_sum_exp = tl.where(sum_exp > 0, log1p_rest, tl.log(sum_exp))
-    # H = -sum p log p with p = e^(z - m) / s:  H = log s - u / s.
+    # H = -sum p log p with p = e^z / s, log p = z - log s:  H = log s - u / s.
     entropy = log_sum_exp - sum_exp_shift / sum_exp
-    # p(top1) - p(top2) = (e^0 - e^(second - m)) / s.
-    gap = (1.0 - tl.exp(run_second - run_max)) / sum_exp
+    # p(top1) - p(top2) = (e^0 - e^((second - m) / T)) / s.
+    gap = (1.0 - tl.exp((run_second - run_max) * inv_temperature)) / sum_exp
     target = tl.load(targets_ptr + row)
     keep = target != IGNORE
-    target_z = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32) * inv_temperature
-    tl.store(lse_ptr + row, run_max + log_sum_exp)
+    target_logit = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32)
+    target_z = tl.where(keep, (target_logit - run_max) * inv_temperature, 0.0)
+    tl.store(max_ptr + row, run_max)
+    tl.store(log_sum_exp_ptr + row, log_sum_exp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(gap_ptr + row, gap)
     tl.store(target_z_ptr + row, target_z)
@@ -180,8 +200,9 @@ def _fused_lse_kernel(
     r5,
     r6,
     r7,
+    max_ptr,  # [M, N] fp32: m_i, each model's row maximum (pass 1)
     coef_ptr,  # [S, M, N] fp32: a_i / T_i per strategy, model and row (contiguous)
-    out_ptr,  # [S, N] fp32 out: logsumexp over V of f = sum_i coef_i logits_i
+    out_ptr,  # [S, N] fp32 out: logsumexp over V of f = sum_i coef_i (logits_i - m_i)
     num_rows,
     vocab_size,
     num_strategies,
@@ -200,7 +221,8 @@ def _fused_lse_kernel(
         offs = start + cols
         in_vocab = offs < vocab_size
         # One tile of every fused row this program owns; each model's tile is loaded once for all
-        # S strategies: fused[s, v] = sum_i coef[s, i] logits_i[v].
+        # S strategies: fused[s, v] = sum_i coef[s, i] (logits_i[v] - m_i). Shifting by m_i before
+        # scaling makes a token that is every model's maximum exactly 0 under any contraction.
         fused = tl.full((S_PAD, BLOCK_V), 0.0, tl.float32)
         for i in tl.static_range(M):
             # i is a constexpr: the compiler keeps one branch (inline, not a helper function, because
@@ -222,9 +244,10 @@ def _fused_lse_kernel(
             else:
                 ptr, stride = p7, r7
             x = tl.load(ptr + row * stride + offs, mask=in_vocab, other=0.0).to(tl.float32)
+            x_shift = x - tl.load(max_ptr + (i * num_rows.to(tl.int64) + row))
             # Padding rows get coefficient 1, not 0: 0 * (-inf) would be NaN (harmless, never stored).
             coef = tl.load(coef_ptr + (strategies * M + i) * num_rows + row, mask=strategy_ok, other=1.0)
-            fused += coef[:, None] * x[None, :]
+            fused += coef[:, None] * x_shift[None, :]
         fused = tl.where(in_vocab[None, :], fused, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(fused, 1))
         sum_exp = sum_exp * tl.exp(run_max - new_max) + tl.sum(tl.exp(fused - new_max[:, None]), 1)
@@ -276,14 +299,15 @@ def _fused_log_probs_kernel(
     r5,
     r6,
     r7,
-    coef_ptr,  # [M, N] fp32: the factor of model i's logits in row n
+    max_ptr,  # [M, N] fp32: m_i, each model's row maximum (pass 1), subtracted before scaling
+    coef_ptr,  # [M, N] fp32: the factor of model i's shifted logits in row n
     offset_ptr,  # [M, N] fp32: the term added to it
     out_ptr,  # [N, V] fp32 out: log q, row stride out_stride
     out_stride,
     num_rows,
     vocab_size,
     M: tl.constexpr,
-    MIXTURE: tl.constexpr,  # False: log q = sum_i t_i; True: log q = logsumexp_i t_i; t_i = coef_i x_i + offset_i
+    MIXTURE: tl.constexpr,  # False: log q = sum_i t_i; True: logsumexp_i t_i; t_i = coef_i (x_i - m_i) + offset_i
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -297,9 +321,10 @@ def _fused_log_probs_kernel(
     for i in tl.static_range(M):
         row_ptr = _model_row(i, row, p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7)
         x = tl.load(row_ptr + offs, mask=in_vocab, other=0.0).to(tl.float32)
+        x_shift = x - tl.load(max_ptr + (i * num_rows.to(tl.int64) + row))
         coef = tl.load(coef_ptr + i * num_rows + row)
         offset = tl.load(offset_ptr + i * num_rows + row)
-        term = coef * x + offset
+        term = coef * x_shift + offset  # at a model's maximum: coef * 0 + offset, exactly offset
         if MIXTURE:
             new_max = tl.maximum(run_max, term)
             acc = acc * tl.exp(run_max - new_max) + tl.exp(term - new_max)
@@ -315,9 +340,9 @@ def _fused_log_probs_kernel(
 
 
 def _model_stats(logits: list[torch.Tensor], targets: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
-    """Pass 1, one launch per model: M x [N, V] -> [4, M, N] fp32 (lse, entropy, gap, z[target])."""
+    """Pass 1, one launch per model: M x [N, V] -> [5, M, N] fp32 (m, log s, entropy, gap, z[target])."""
     num_rows, vocab_size = logits[0].shape
-    out = _empty((4, len(logits), num_rows), torch.float32, logits[0].device)
+    out = _empty((5, len(logits), num_rows), torch.float32, logits[0].device)
     config = _config("stats", vocab_size)
     with on_device(logits[0]):
         for i, (lg, temperature) in enumerate(zip(logits, temperatures)):
@@ -325,10 +350,7 @@ def _model_stats(logits: list[torch.Tensor], targets: torch.Tensor, temperatures
                 lg,
                 lg.stride(0),
                 targets,
-                out[0, i],
-                out[1, i],
-                out[2, i],
-                out[3, i],
+                *out[:, i],
                 vocab_size,
                 1.0 / temperature,
                 IGNORE=IGNORE_INDEX,
@@ -339,8 +361,9 @@ def _model_stats(logits: list[torch.Tensor], targets: torch.Tensor, temperatures
     return out
 
 
-def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
-    """Pass 2: logits M x [N, V], coef [S, M, N] fp32 -> logsumexp_v(sum_i coef_i logits_i) [S, N] fp32."""
+def _fused_lse(logits: list[torch.Tensor], row_max: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Pass 2: logits M x [N, V], row_max [M, N], coef [S, M, N] fp32 -> [S, N] fp32,
+    logsumexp_v(sum_i coef_i (logits_i - row_max_i))."""
     num_strategies, num_models, num_rows = coef.shape
     vocab_size = logits[0].shape[1]
     out = _empty((num_strategies, num_rows), torch.float32, coef.device)
@@ -350,6 +373,7 @@ def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
         _fused_lse_kernel[(num_rows,)](
             *padded,
             *(lg.stride(0) for lg in padded),
+            row_max,
             coef,
             out,
             num_rows,
@@ -365,9 +389,9 @@ def _fused_lse(logits: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
 
 
 def _pool_log_probs(
-    logits: list[torch.Tensor], coef: torch.Tensor, offset: torch.Tensor, mixture: bool
+    logits: list[torch.Tensor], row_max: torch.Tensor, coef: torch.Tensor, offset: torch.Tensor, mixture: bool
 ) -> torch.Tensor:
-    """Pass 3: logits M x [N, V], coef/offset [M, N] fp32 -> log q [N, V] fp32 (see the module docstring)."""
+    """Pass 3: logits M x [N, V], row_max/coef/offset [M, N] fp32 -> log q [N, V] fp32 (module docstring)."""
     num_rows, vocab_size = logits[0].shape
     out = _empty((num_rows, vocab_size), torch.float32, coef.device)
     config = _config("log_probs", vocab_size)
@@ -376,6 +400,7 @@ def _pool_log_probs(
         _fused_log_probs_kernel[(num_rows, triton.cdiv(vocab_size, config["BLOCK_V"]))](
             *padded,
             *(lg.stride(0) for lg in padded),
+            row_max,
             coef,
             offset,
             out,
@@ -389,6 +414,15 @@ def _pool_log_probs(
             num_stages=config["num_stages"],
         )
     return out
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-range targets would read outside the logits: checked on the device, without waiting for
+    it (``bad.any()`` in Python would block the host until the GPU catches up). On a GPU the assert
+    fires asynchronously (a CUDA error at the next synchronisation); on the CPU it raises here."""
+    valid = (targets == IGNORE_INDEX) | ((targets >= 0) & (targets < vocab_size))
+    message = f"fused_logit_nll: a target is out of range; expected {IGNORE_INDEX} or 0..{vocab_size - 1}"
+    torch._assert_async(valid.all(), message)
 
 
 @torch.library.custom_op("moc_kernels::fused_logit_nll_multi", mutates_args=())
@@ -410,29 +444,26 @@ def fused_logit_nll_op(
         empty = torch.empty((num_models, 0), dtype=torch.float32, device=device)
         return empty.new_empty((len(strategies), 0)), empty.new_empty((len(strategies), num_models, 0)), empty
     vocab_size = logits[0].shape[1]
-    # Checked here, inside the op, so that torch.compile sees no data-dependent branch.
-    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
-    if bad.any():
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"fused_logit_nll: target {value} out of range; expected {IGNORE_INDEX} or 0..{vocab_size - 1}"
-        )
+    _check_targets(targets, vocab_size)  # inside the op, so that torch.compile sees no data-dependent branch
     logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
     targets = targets.contiguous()
-    log_sum_exp, entropy, gap, target_z = _model_stats(logits, targets, temperatures).unbind(0)  # each [M, N]
-    fixed = torch.tensor(weights, dtype=torch.float32, device=device)
-    temps = torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]
-
+    row_max, log_sum_exp, entropy, gap, target_z = _model_stats(logits, targets, temperatures).unbind(0)  # [M, N]
+    fixed = device_vector(weights, device)
     alphas = torch.stack([strategy_weights(s, entropy, gap, fixed) for s in strategies])  # [S, M, N]
     nll = _empty((len(strategies), num_rows), torch.float32, device)
     log_linear = [k for k, s in enumerate(strategies) if s not in LINEAR_POOLS]
     for k, strategy in enumerate(strategies):
-        if strategy in LINEAR_POOLS:  # q[t] = sum_i a_i p_i[t], in log space
+        if strategy in LINEAR_POOLS:  # q[t] = sum_i a_i p_i[t], in log space; log p_i[t] = z_i[t] - log s_i
             nll[k] = -torch.logsumexp(alphas[k].log() + target_z - log_sum_exp, dim=0)
     if log_linear:
-        # f = sum_i a_i z_i = sum_i (a_i / T_i) logits_i; nll = lse(f) - f[t] with f[t] = sum_i a_i z_i[t].
-        fused_lse = _fused_lse(logits, (alphas[log_linear] / temps).contiguous())
-        nll[log_linear] = fused_lse - (alphas[log_linear] * target_z).sum(1)
+        # f = sum_i a_i z_i = sum_i (a_i / T_i) (logits_i - m_i); nll = lse(f) - f[t], f[t] = sum_i a_i z_i[t].
+        # (Rows picked one by one: indexing by a Python list would copy the list to the device.)
+        inv_temps = device_vector([1.0 / t for t in temperatures], device)[:, None]
+        log_linear_alphas = torch.stack([alphas[k] for k in log_linear])  # [S', M, N]
+        fused_lse = _fused_lse(logits, row_max, (log_linear_alphas * inv_temps).contiguous())
+        log_linear_nll = fused_lse - (log_linear_alphas * target_z).sum(1)
+        for row, k in enumerate(log_linear):
+            nll[k] = log_linear_nll[row]
     nll.masked_fill_(targets == IGNORE_INDEX, 0.0)
     return nll, alphas, entropy
 
@@ -462,21 +493,21 @@ def fused_log_probs_op(
         )
     logits = [lg if lg.stride(1) == 1 else lg.contiguous() for lg in logits]
     no_targets = torch.full((num_rows,), IGNORE_INDEX, dtype=torch.int64, device=device)
-    log_sum_exp, entropy, gap, _ = _model_stats(logits, no_targets, temperatures).unbind(0)  # each [M, N]
-    alphas = strategy_weights(strategy, entropy, gap, torch.tensor(weights, dtype=torch.float32, device=device))
-    inv_temps = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32, device=device)[:, None]
-    # A +inf or NaN logit makes its model's lse non-finite: the whole row becomes NaN through the offset.
+    row_max, log_sum_exp, entropy, gap, _ = _model_stats(logits, no_targets, temperatures).unbind(0)  # each [M, N]
+    alphas = strategy_weights(strategy, entropy, gap, device_vector(weights, device))
+    inv_temps = device_vector([1.0 / t for t in temperatures], device)[:, None]
+    # A +inf or NaN logit makes its model's log s non-finite: the whole row becomes NaN through the offset.
     poisoned = torch.where(log_sum_exp.isfinite().all(0), 0.0, float("nan"))  # [N]
     if strategy in LINEAR_POOLS:
-        # log q[v] = logsumexp_i(log a_i + z_i[v] - lse_i) with z_i = logits_i / T_i.
+        # log q[v] = logsumexp_i(log a_i + z_i[v] - log s_i) with z_i = (logits_i - m_i) / T_i.
         coef = inv_temps.expand(num_models, num_rows).contiguous()
         offset = (alphas.log() - log_sum_exp + poisoned).contiguous()
-        return _pool_log_probs(logits, coef, offset, mixture=True), alphas
-    # log q[v] = f[v] - lse(f), f = sum_i (a_i / T_i) logits_i: pass 2 gives lse(f) (NaN if f has +inf).
+        return _pool_log_probs(logits, row_max, coef, offset, mixture=True), alphas
+    # log q[v] = f[v] - lse(f), f = sum_i (a_i / T_i) (logits_i - m_i): pass 2 gives lse(f) (NaN if f has +inf).
     coef = (alphas * inv_temps).contiguous()
     offset = torch.zeros_like(coef)
-    offset[0] = poisoned - _fused_lse(logits, coef[None])[0]
-    return _pool_log_probs(logits, coef, offset, mixture=False), alphas
+    offset[0] = poisoned - _fused_lse(logits, row_max, coef[None])[0]
+    return _pool_log_probs(logits, row_max, coef, offset, mixture=False), alphas
 
 
 @fused_log_probs_op.register_fake
@@ -568,7 +599,8 @@ def compile_specs() -> list[KernelSpec]:
                 "logits_ptr": f"*{name}",
                 "row_stride": "i64",
                 "targets_ptr": "*i64",
-                "lse_ptr": "*fp32",
+                "max_ptr": "*fp32",
+                "log_sum_exp_ptr": "*fp32",
                 "entropy_ptr": "*fp32",
                 "gap_ptr": "*fp32",
                 "target_z_ptr": "*fp32",
@@ -593,7 +625,8 @@ def compile_specs() -> list[KernelSpec]:
             for num_models, s_pad in ((2, 1), (2, 4), (MAX_MODELS, 4)):
                 signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
                 signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
-                signature |= {"coef_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "vocab_size": "i32"}
+                signature |= {"max_ptr": "*fp32", "coef_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32"}
+                signature |= {"vocab_size": "i32"}
                 signature |= {"num_strategies": "i32", "M": "constexpr", "S_PAD": "constexpr", "BLOCK_V": "constexpr"}
                 specs.append(
                     KernelSpec(
@@ -610,7 +643,8 @@ def compile_specs() -> list[KernelSpec]:
             for num_models, mixture in ((2, False), (2, True), (MAX_MODELS, False), (MAX_MODELS, True)):
                 signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
                 signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
-                signature |= {"coef_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32", "out_stride": "i64"}
+                signature |= {"max_ptr": "*fp32", "coef_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32"}
+                signature |= {"out_stride": "i64"}
                 signature |= {"num_rows": "i32", "vocab_size": "i32"}
                 signature |= {"M": "constexpr", "MIXTURE": "constexpr", "BLOCK_V": "constexpr"}
                 pool = "mix" if mixture else "lin"

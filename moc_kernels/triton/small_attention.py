@@ -18,6 +18,11 @@ was not built, so this is an argument, not a measurement. One kernel serves ever
 
 Saved for backward: q, k, v (inputs) and the log-sum-exp [N, H, L] fp32 of each row (4 bytes per
 row instead of the L x L softmax); the backward recomputes the scores, the softmax and the entropy.
+The log-sum-exp is kept in units of the raw scores q.k (lse of the scaled scores divided by the
+scale), because both kernels subtract before they scale: (s - max) * scale and (s - lse) * scale,
+never s * scale - max, which a GPU compiler contracts into one fma whose result at the maximal
+entry is the rounding error of s * scale instead of 0 (``tests/test_kernels_compiled_code.py``
+reads the PTX for it; the interpreter never contracts).
 """
 
 from __future__ import annotations
@@ -36,33 +41,49 @@ from moc_kernels.triton.utils import on_device
 # Keyed by direction, dtype class, then the largest L_PAD (next power of two of L) a tier serves.
 # BLOCK_M is the number of rows (token x position) per program, raised to L_PAD for long L.
 # bf16/fp16: 64 rows, so that sm_90 lowers the products to wgmma (needs >= 64 rows, 4 warps per
-# warpgroup); the backward needs 8 warps (4 spill ~250 B on sm_80) and at least 8 rows per token
+# warpgroup); 8 warps (with 4 the forward spilled 8 B on sm_80 under Triton 3.9 once the maximum was
+# subtracted before scaling, the backward ~250 B); the backward needs at least 8 rows per token
 # (MIN_L_PAD): with 2 or 4 rows per token ptxas spills 40-64 B on sm_80 (checked), so L <= 8 packs
 # 8 tokens per tile (still HBM-bound: ~180 FLOP per byte moved vs ~300 at the H100 ridge).
 # fp32 runs exact IEEE products on the FMA pipes, where the masked blocks are real work, so it
 # packs only 16 rows.
-# Checked with `python -m moc_kernels.report --ops small_attention`: no spills for the shipped
-# configs. fp32 with L > 16 (the 64-row tier) is correct but spills registers (FMA products of
-# 64x64x64 fp32 tiles); it is not shipped (not in compile_specs()), fp32 training uses L <= 16.
+# The feature axis (dh) is one tile up to BLOCK_D and chunks of CHUNK_D beyond (see the forward
+# kernel); fp32 beyond L = 16 uses one token per tile (32 or 64 rows) and narrow chunks, because its
+# FMA products of 64x64x64 fp32 tiles spilled 400-6,900 B. bf16 chunks dh > 64 by 32 (forward) and
+# 16 (backward): with 64, the forward spilled 8 B on sm_80 (L = 8, dh = 256, Triton 3.9) and the
+# backward up to 900 B; with 32 the backward still spilled 8 B on sm_80 at L = 64, dh = 256.
+# Checked with `python -m moc_kernels.report --ops small_attention` under Triton 3.6 and 3.9: every
+# shipped shape (SHIPPED_SHAPES, dh up to 256, L up to 64) compiles with 0 spills and <= 99 KiB.
 CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
     "fwd": {
-        "bf16": {64: {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}},
+        "bf16": {64: {"BLOCK_M": 64, "BLOCK_D": 64, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1}},
         "fp32": {
-            16: {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},
-            64: {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1},
+            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
+            32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
+            64: {"BLOCK_M": 64, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
         },
     },
     "bwd": {
-        "bf16": {64: {"BLOCK_M": 64, "MIN_L_PAD": 8, "num_warps": 8, "num_stages": 1}},
+        "bf16": {64: {"BLOCK_M": 64, "MIN_L_PAD": 8, "BLOCK_D": 64, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1}},
         "fp32": {
-            16: {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1},
-            64: {"BLOCK_M": 64, "num_warps": 16, "num_stages": 1},
+            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
+            32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
+            64: {"BLOCK_M": 64, "BLOCK_D": 16, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1},
         },
     },
 }
 # (dtype class, L, dh) whose configs the report compiles: collab (L = k = 2) and router (L = E = 8)
-# at the GPT-2-small head dim 64, and for bf16 the longest supported L.
-SHIPPED_SHAPES = (("bf16", 2, 64), ("bf16", 8, 64), ("bf16", 64, 64), ("fp32", 2, 64), ("fp32", 8, 64))
+# at the GPT-2-small head dim 64, every L tier up to the longest (64), and the wide heads of larger
+# models (dh = 128: Llama-7B-like, 256) at L = 8 and 64.
+SHIPPED_SHAPES = tuple(
+    [
+        (dtype_key, length, 64)
+        for dtype_key in ("bf16", "fp32")
+        for length in (2, 8, 32, 64)
+        if (dtype_key, length) != ("bf16", 32)
+    ]
+    + [(dtype_key, length, head_dim) for dtype_key in ("bf16", "fp32") for length in (8, 64) for head_dim in (128, 256)]
+)
 MAX_L = 64
 
 _DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
@@ -92,6 +113,21 @@ def _dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_acc(acc, a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b in fp32 (``_dot`` with an accumulator)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, token, position, head, d, stride_n, stride_l, stride_h, stride_d, mask):
+    """The [BLOCK_M, BLOCK_D] tile of a [N, L, H, dh] tensor at the tile's rows and feature columns d."""
+    offsets = token[:, None] * stride_n + position[:, None] * stride_l + head * stride_h + d[None, :] * stride_d
+    return tl.load(ptr + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -153,53 +189,49 @@ def _small_attention_fwd(
     BLOCK_M: tl.constexpr,
     L_PAD: tl.constexpr,
     DH_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     token, position, row_valid, col_visible = _tile_rows(pid_m, N, L, BLOCK_M, L_PAD)
-    d = tl.arange(0, DH_PAD)
-    mask = row_valid[:, None] & (d < DH)[None, :]
+    cols = tl.arange(0, BLOCK_D)
 
-    q = tl.load(
-        q_ptr + token[:, None] * stride_qn + position[:, None] * stride_ql + head * stride_qh + d[None, :] * stride_qd,
-        mask=mask,
-        other=0.0,
-    )
-    k = tl.load(
-        k_ptr + token[:, None] * stride_kn + position[:, None] * stride_kl + head * stride_kh + d[None, :] * stride_kd,
-        mask=mask,
-        other=0.0,
-    )
-    v = tl.load(
-        v_ptr + token[:, None] * stride_vn + position[:, None] * stride_vl + head * stride_vh + d[None, :] * stride_vd,
-        mask=mask,
-        other=0.0,
-    )
+    # The feature axis in BLOCK_D chunks: only [BLOCK_M, BLOCK_D] tiles of q, k, v are live at a time,
+    # so dh = 128 or 256 neither spills nor overflows shared memory. The bounds are constexpr: for
+    # dh <= BLOCK_D the one-trip loop folds away (a loop to the runtime DH made the bf16 backward spill
+    # at dh = 64), and several chunks stay a loop (unrolled, their loads were hoisted and spilled).
+    raw = tl.full((BLOCK_M, BLOCK_M), 0.0, tl.float32)  # raw = q.k, unscaled
+    for d0 in range(0, DH_PAD, BLOCK_D):
+        d = d0 + cols
+        mask = row_valid[:, None] & (d < DH)[None, :]
+        q = _load_rows(q_ptr, token, position, head, d, stride_qn, stride_ql, stride_qh, stride_qd, mask)
+        k = _load_rows(k_ptr, token, position, head, d, stride_kn, stride_kl, stride_kh, stride_kd, mask)
+        raw = _dot_acc(raw, q, tl.trans(k), PRECISION, INTERPRET)
 
     # Single pass: the whole row (<= 64 keys) is in the tile, so max, sum and output need no rescaling.
-    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
-    scores = tl.where(col_visible, scores, float("-inf"))
-    row_max = tl.max(scores, axis=1)
-    unnorm = tl.exp(scores - row_max[:, None])  # hidden columns: exp(-inf) = 0
+    # The maximum is taken on the raw scores and subtracted before scaling (module docstring).
+    raw = tl.where(col_visible, raw, float("-inf"))
+    row_max = tl.max(raw, axis=1)
+    shifted = (raw - row_max[:, None]) * scale  # exactly 0 at the maximum; hidden columns -inf
+    unnorm = tl.exp(shifted)
     row_sum = tl.sum(unnorm, axis=1)
     probs = unnorm / row_sum[:, None]
-    lse = row_max + tl.log(row_sum)
-    # Entropy as -sum p log p with log p = s - lse (not lse - sum p s, which cancels when H ~ 0).
-    log_probs = tl.where(col_visible, scores - lse[:, None], 0.0)
+    log_row_sum = tl.log(row_sum)
+    # Entropy as -sum p log p with log p = shifted - log sum (not lse - sum p s, which cancels when H ~ 0).
+    log_probs = tl.where(col_visible, shifted - log_row_sum[:, None], 0.0)
     entropy = -tl.sum(probs * log_probs, axis=1)
+    lse = row_max + log_row_sum / scale  # in raw-score units, for the backward's (raw - lse) * scale
 
-    out = _dot(_cast(probs, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
-    tl.store(
-        out_ptr
-        + token[:, None] * stride_on
-        + position[:, None] * stride_ol
-        + head * stride_oh
-        + d[None, :] * stride_od,
-        _cast(out, out_ptr.dtype.element_ty, INTERPRET),
-        mask=mask,
-    )
+    probs = _cast(probs, v_ptr.dtype.element_ty, INTERPRET)
+    for d0 in range(0, DH_PAD, BLOCK_D):
+        d = d0 + cols
+        mask = row_valid[:, None] & (d < DH)[None, :]
+        v = _load_rows(v_ptr, token, position, head, d, stride_vn, stride_vl, stride_vh, stride_vd, mask)
+        out = _cast(_dot(probs, v, PRECISION, INTERPRET), out_ptr.dtype.element_ty, INTERPRET)
+        out_offsets = token[:, None] * stride_on + position[:, None] * stride_ol + head * stride_oh
+        tl.store(out_ptr + out_offsets + d[None, :] * stride_od, out, mask=mask)
     row_offset = token * stride_sn + head * stride_sh + position * stride_sl
     tl.store(lse_ptr + row_offset, lse, mask=row_valid)
     tl.store(entropy_ptr + row_offset, entropy, mask=row_valid)
@@ -264,6 +296,7 @@ def _small_attention_bwd(
     BLOCK_M: tl.constexpr,
     L_PAD: tl.constexpr,
     DH_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     HAS_D_ENTROPY: tl.constexpr,
@@ -271,41 +304,27 @@ def _small_attention_bwd(
     pid_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     token, position, row_valid, col_visible = _tile_rows(pid_m, N, L, BLOCK_M, L_PAD)
-    d = tl.arange(0, DH_PAD)
-    mask = row_valid[:, None] & (d < DH)[None, :]
-
-    q = tl.load(
-        q_ptr + token[:, None] * stride_qn + position[:, None] * stride_ql + head * stride_qh + d[None, :] * stride_qd,
-        mask=mask,
-        other=0.0,
-    )
-    k = tl.load(
-        k_ptr + token[:, None] * stride_kn + position[:, None] * stride_kl + head * stride_kh + d[None, :] * stride_kd,
-        mask=mask,
-        other=0.0,
-    )
-    v = tl.load(
-        v_ptr + token[:, None] * stride_vn + position[:, None] * stride_vl + head * stride_vh + d[None, :] * stride_vd,
-        mask=mask,
-        other=0.0,
-    )
-    d_out = tl.load(
-        d_out_ptr
-        + token[:, None] * stride_don
-        + position[:, None] * stride_dol
-        + head * stride_doh
-        + d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )
+    cols = tl.arange(0, BLOCK_D)
     lse = tl.load(lse_ptr + token * stride_sn + head * stride_sh + position * stride_sl, mask=row_valid, other=0.0)
 
-    scores = _dot(q, tl.trans(k), PRECISION, INTERPRET) * scale
+    # Pass 1 over the feature chunks (the forward says why chunks): the scores and A = dO V^T.
+    raw = tl.full((BLOCK_M, BLOCK_M), 0.0, tl.float32)
+    d_probs = tl.full((BLOCK_M, BLOCK_M), 0.0, tl.float32)
+    for d0 in range(0, DH_PAD, BLOCK_D):
+        d = d0 + cols
+        mask = row_valid[:, None] & (d < DH)[None, :]
+        q = _load_rows(q_ptr, token, position, head, d, stride_qn, stride_ql, stride_qh, stride_qd, mask)
+        k = _load_rows(k_ptr, token, position, head, d, stride_kn, stride_kl, stride_kh, stride_kd, mask)
+        v = _load_rows(v_ptr, token, position, head, d, stride_vn, stride_vl, stride_vh, stride_vd, mask)
+        d_out = _load_rows(d_out_ptr, token, position, head, d, stride_don, stride_dol, stride_doh, stride_dod, mask)
+        raw = _dot_acc(raw, q, tl.trans(k), PRECISION, INTERPRET)
+        d_probs = _dot_acc(d_probs, d_out, tl.trans(v), PRECISION, INTERPRET)
+
     # Padded rows get P = 0 too, so they add nothing to dK and dV; hidden entries get log P = 0 (finite).
+    # lse is in raw-score units: subtract, then scale (at the maximum raw - lse <= 0 under any fma).
     visible = col_visible & row_valid[:, None]
-    log_probs = tl.where(visible, scores - lse[:, None], 0.0)
+    log_probs = tl.where(visible, (raw - lse[:, None]) * scale, 0.0)
     probs = tl.where(visible, tl.exp(log_probs), 0.0)
-    d_probs = _dot(d_out, tl.trans(v), PRECISION, INTERPRET)  # A = dO V^T
     if HAS_D_ENTROPY:
         d_entropy = tl.load(
             d_entropy_ptr + token * stride_dsn + head * stride_dsh + position * stride_dsl,
@@ -314,20 +333,29 @@ def _small_attention_bwd(
         ).to(tl.float32)
         d_probs -= d_entropy[:, None] * log_probs  # C = A - g log P
     delta = tl.sum(probs * d_probs, axis=1)  # sum_k P_ik C_ik
-    d_scores = probs * (d_probs - delta[:, None]) * scale
+    d_scores = _cast(probs * (d_probs - delta[:, None]) * scale, q_ptr.dtype.element_ty, INTERPRET)
+    probs = _cast(probs, q_ptr.dtype.element_ty, INTERPRET)
 
-    dv = _dot(tl.trans(_cast(probs, q.dtype, INTERPRET)), d_out, PRECISION, INTERPRET)
-    dq = _dot(_cast(d_scores, q.dtype, INTERPRET), k, PRECISION, INTERPRET)
-    dk = _dot(tl.trans(_cast(d_scores, q.dtype, INTERPRET)), q, PRECISION, INTERPRET)
-    # The gradients are allocated contiguous like q: one set of strides serves all three.
-    grad_offset = token[:, None] * stride_gn + position[:, None] * stride_gl + head * stride_gh + d[None, :] * stride_gd
-    tl.store(dq_ptr + grad_offset, _cast(dq, dq_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(dk_ptr + grad_offset, _cast(dk, dk_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(dv_ptr + grad_offset, _cast(dv, dv_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    # Pass 2: dV = P^T dO, dQ = dS K, dK = dS^T Q per chunk (q, k, dO are read again, from L2: this
+    # program read them a moment ago). The gradients are contiguous like q: one set of strides.
+    for d0 in range(0, DH_PAD, BLOCK_D):
+        d = d0 + cols
+        mask = row_valid[:, None] & (d < DH)[None, :]
+        q = _load_rows(q_ptr, token, position, head, d, stride_qn, stride_ql, stride_qh, stride_qd, mask)
+        k = _load_rows(k_ptr, token, position, head, d, stride_kn, stride_kl, stride_kh, stride_kd, mask)
+        d_out = _load_rows(d_out_ptr, token, position, head, d, stride_don, stride_dol, stride_doh, stride_dod, mask)
+        dv = _dot(tl.trans(probs), d_out, PRECISION, INTERPRET)
+        dq = _dot(d_scores, k, PRECISION, INTERPRET)
+        dk = _dot(tl.trans(d_scores), q, PRECISION, INTERPRET)
+        grad_offset = token[:, None] * stride_gn + position[:, None] * stride_gl + head * stride_gh
+        grad_offset += d[None, :] * stride_gd
+        tl.store(dq_ptr + grad_offset, _cast(dq, dq_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(dk_ptr + grad_offset, _cast(dk, dk_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(dv_ptr + grad_offset, _cast(dv, dv_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _launch_params(q: torch.Tensor, direction: str) -> tuple[dict[str, int], int, int, int, str]:
-    """(config, BLOCK_M, L_PAD, DH_PAD, dot precision) for q [N, L, H, dh]."""
+def _launch_params(q: torch.Tensor, direction: str) -> tuple[dict[str, int], int, int, int, int, str]:
+    """(config, BLOCK_M, L_PAD, DH_PAD, BLOCK_D, dot precision) for q [N, L, H, dh]."""
     _, length, _, head_dim = q.shape
     if not 1 <= length <= MAX_L:
         raise ValueError(f"small_attention: L={length} is not supported by the Triton kernel; expected 1 <= L <= 64")
@@ -338,30 +366,35 @@ def _launch_params(q: torch.Tensor, direction: str) -> tuple[dict[str, int], int
 
 def _shape_params(
     direction: str, dtype_key: str, length: int, head_dim: int
-) -> tuple[dict[str, int], int, int, int, str]:
+) -> tuple[dict[str, int], int, int, int, int, str]:
     l_pad = triton.next_power_of_2(length)
     tiers = CONFIGS[direction][dtype_key]
     config = tiers[min(t for t in tiers if t >= l_pad)]
     l_pad = max(l_pad, config.get("MIN_L_PAD", 1))
-    # tl.dot needs every dimension >= 16.
+    # dh rounded up to a power of two (tl.dot needs >= 16): one tile up to the config's BLOCK_D, else
+    # chunks of CHUNK_D.
     dh_pad = max(16, triton.next_power_of_2(head_dim))
+    block_d = dh_pad if dh_pad <= config["BLOCK_D"] else config["CHUNK_D"]
     block_m = max(config["BLOCK_M"], l_pad)
     precision = "ieee" if dtype_key == "fp32" else "tf32"  # ignored for bf16/fp16 operands
-    return config, block_m, l_pad, dh_pad, precision
+    return config, block_m, l_pad, dh_pad, block_d, precision
 
 
 @torch.library.custom_op("moc_kernels::small_attention_fwd", mutates_args=())
 def small_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: q, k, v [N, L, H, dh] (any strides) -> out [N, L, H, dh] (q.dtype), entropy, lse [N, H, L] fp32."""
+    """Forward: q, k, v [N, L, H, dh] (any strides) -> out [N, L, H, dh] (q.dtype), entropy, lse [N, H, L] fp32.
+
+    lse is the log-sum-exp of each row in units of the raw scores q.k (that of the scaled scores / scale).
+    """
     num_tokens, length, heads, head_dim = q.shape
     out = _empty((num_tokens, length, heads, head_dim), q.dtype, q.device)
     entropy = _empty((num_tokens, heads, length), torch.float32, q.device)
     lse = _empty((num_tokens, heads, length), torch.float32, q.device)
     if q.numel() == 0:
         return out, entropy, lse
-    config, block_m, l_pad, dh_pad, precision = _launch_params(q, "fwd")
+    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "fwd")
     grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
     with on_device(q):
         _small_attention_fwd[grid](
@@ -383,6 +416,7 @@ def small_attention_fwd(
             BLOCK_M=block_m,
             L_PAD=l_pad,
             DH_PAD=dh_pad,
+            BLOCK_D=block_d,
             PRECISION=precision,
             INTERPRET=backend.interpreting(),
             num_warps=config["num_warps"],
@@ -413,7 +447,7 @@ def small_attention_bwd(
     dq, dk, dv = (_empty((num_tokens, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
-    config, block_m, l_pad, dh_pad, precision = _launch_params(q, "bwd")
+    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "bwd")
     d_out = d_out.to(q.dtype)  # autograd hands the output's dtype; this only guards odd callers
     has_d_entropy = d_entropy is not None
     d_entropy_arg = d_entropy if has_d_entropy else lse  # a valid pointer the kernel never reads
@@ -443,6 +477,7 @@ def small_attention_bwd(
             BLOCK_M=block_m,
             L_PAD=l_pad,
             DH_PAD=dh_pad,
+            BLOCK_D=block_d,
             PRECISION=precision,
             INTERPRET=backend.interpreting(),
             HAS_D_ENTROPY=has_d_entropy,
@@ -460,12 +495,18 @@ def _(q, k, v, lse, d_out, d_entropy):
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs
     _, _, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, lse)
+    # Unused outputs (lse always, the entropy when the caller drops it) reach the backward as None,
+    # not as zero-filled [N, H, L] buffers that autograd would otherwise allocate and the kernel read.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, d_out, d_entropy, _d_lse):
     q, k, v, lse = ctx.saved_tensors
-    if d_out is None:
+    if d_out is None and d_entropy is None:
+        return None, None, None
+    if d_out is None:  # only the entropy is used (no caller does this today): its zeros have q's shape
         d_out = torch.zeros_like(q)
     return small_attention_bwd(q, k, v, lse, d_out, d_entropy)
 
@@ -492,11 +533,12 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
     for direction, kernel in (("fwd", _small_attention_fwd), ("bwd", _small_attention_bwd)):
         for dtype_key, length, head_dim in SHIPPED_SHAPES:
-            config, block_m, l_pad, dh_pad, precision = _shape_params(direction, dtype_key, length, head_dim)
+            config, block_m, l_pad, dh_pad, block_d, precision = _shape_params(direction, dtype_key, length, head_dim)
             constexprs = {
                 "BLOCK_M": block_m,
                 "L_PAD": l_pad,
                 "DH_PAD": dh_pad,
+                "BLOCK_D": block_d,
                 "PRECISION": precision,
                 "INTERPRET": False,
             }

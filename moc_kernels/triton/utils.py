@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
@@ -16,3 +17,13 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     CPU (the interpreter) there is nothing to select.
     """
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Python floats -> [len(values)] fp32 on ``device`` without a host-to-device copy.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory, which blocks the host
+    until the copy is done (twice per decoding step in Kotara's generation). Here each value travels
+    as the scalar argument of a fill kernel, queued like any other launch.
+    """
+    return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device) for v in values])
