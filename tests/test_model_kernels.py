@@ -14,6 +14,7 @@ import torch
 import moc_kernels
 from model import LunarisLM, ModelConfig
 from model.moc import CollaborativeExpertsModule
+from model.moe import TopKMoEModule
 from tests.conftest import TOLERANCE, rel_err
 
 MODEL_OPS = ("expert_swiglu", "small_attention", "topk_gather", "routed_swiglu")
@@ -69,8 +70,8 @@ def _paths(overrides: dict, autocast: torch.dtype | None = None):
 
 
 def _route_logits(lm: LunarisLM, ids: torch.Tensor, autocast: torch.dtype | None) -> list[torch.Tensor]:
-    """The router logits [N, E] fp32 of every MoC layer for the batch ``ids`` (no gradient)."""
-    layers = [m for m in lm.modules() if isinstance(m, CollaborativeExpertsModule)]
+    """The router logits [N, E] fp32 of every routed layer (MoC or MoE) for the batch ``ids`` (no gradient)."""
+    layers = [m for m in lm.modules() if isinstance(m, (CollaborativeExpertsModule, TopKMoEModule))]
     logits = []
 
     def record(layer):  # the layer's route logits are its gate's output / router temperature
