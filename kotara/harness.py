@@ -442,15 +442,17 @@ def _load(
     return loaded, tokenizer
 
 
-def evaluate_rows(lm: FusedLM, tasks: list[Any], **simple_evaluate_kwargs: Any) -> dict[str, dict[str, Any]]:
-    """lm-eval's ``simple_evaluate`` once per row of ``lm``: {row: its results dict, with ``time_s``}.
+def evaluate_rows(
+    lm: FusedLM, tasks: list[Any], rows: Sequence[str] | None = None, **simple_evaluate_kwargs: Any
+) -> dict[str, dict[str, Any]]:
+    """lm-eval's ``simple_evaluate`` once per row of ``lm`` (or of ``rows``): {row: its results, with ``time_s``}.
 
     The first row runs the forwards; the other rows' loglikelihood requests are answered from the
     scores kept then (generation rows decode each on their own). lm-eval re-seeds every run, so
     each row sees the same few-shot examples and the same ``limit`` subset.
     """
     out = {}
-    for row in lm.rows:
+    for row in lm.rows if rows is None else rows:
         lm.select_row(row)
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **simple_evaluate_kwargs)
