@@ -49,6 +49,11 @@ def _yaml_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("**/*.yaml") if p.is_file())
 
 
+def _known(manager: Any, name: str) -> bool:
+    """A registered task, group or tag (``all_tasks`` holds all three), or a glob that matches some."""
+    return name in manager.task_index or bool(manager.match_tasks([name]))
+
+
 def resolve_tasks(tasks: str, include_path: Sequence[str] = ()) -> tuple[list[str], Any]:
     """``--tasks`` (comma-separated names, ``.yaml`` files, directories) -> (task specs, TaskManager).
 
@@ -82,7 +87,9 @@ def resolve_tasks(tasks: str, include_path: Sequence[str] = ()) -> tuple[list[st
     for yaml_path in files:
         check_yaml(yaml_path)
     roots = [str(d) for d in include_dirs + directories]
-    manager = TaskManager(include_path=roots or None, include_defaults=bool(names))
+    manager = TaskManager(include_path=roots or None, include_defaults=False)
+    if any(not _known(manager, name) for name in names):  # only then scan lm-eval's own tasks (slow)
+        manager = TaskManager(include_path=roots or None, include_defaults=True)
     resolved: list[str] = [str(f) for f in files]
     for directory in directories:
         defined = [
@@ -95,10 +102,9 @@ def resolve_tasks(tasks: str, include_path: Sequence[str] = ()) -> tuple[list[st
         if not defined:
             raise ValueError(f"--tasks {str(directory)!r}: no task YAML in this directory")
         resolved += sorted(defined)
-    known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
     for name in names:
-        if name not in known and not manager.match_tasks([name]):
-            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        if not _known(manager, name):
+            close = difflib.get_close_matches(name, sorted(manager.all_tasks), n=3, cutoff=0.6)
             hint = f"; close matches: {', '.join(close)}" if close else "; see `lm-eval ls tasks`"
             raise ValueError(f"unknown task {name!r}{hint}")
         resolved += manager.match_tasks([name]) or [name]
