@@ -226,3 +226,15 @@ def test_model_rows_are_each_model_alone_and_all_costs_one_strategys_forwards(wo
         _assert_same_metrics(rows[name], want, SCORED_TASKS, f"row {name}")
         _assert_same_samples(rows[name], want, SCORED_TASKS, f"row {name}")
     _assert_same_metrics(rows["entropy"], single, SCORED_TASKS, "entropy under all")
+
+
+def test_registered_as_kotara_and_built_from_an_arg_string(workspace):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("kotara") is FusedLM
+    args = f"models={workspace['a']}|{workspace['b']},strategy=poe,max_length=32"
+    lm = FusedLM.create_from_arg_string(args, {"batch_size": 2, "device": "cpu", "max_batch_size": None})
+    assert lm.rows == ["poe"] and lm.batch_size == 2 and lm.max_length == 32
+    assert lm.paths == [str(workspace["a"]), str(workspace["b"])]
+    with pytest.raises(ValueError, match="unknown row"):
+        lm.select_row("a")
