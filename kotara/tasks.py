@@ -7,11 +7,14 @@ found"; here either is a ``ValueError`` naming the file and the parser's reason,
 its close matches. lm-eval's own task index (~15,000 YAML files, ~13 s to scan) is only built
 when a name is asked for; paths alone load in a fraction of a second.
 
-``python -m kotara.tasks OUT_DIR [--files F1,F2,...]`` builds the shipped task,
-``kotara_docstring_next_line``: multiple choice, "which line comes next in this standard-library
-docstring", from the docstrings of the given files of this Python's standard library (every file
-by default). Deterministic for a given Python installation (the file order is sorted, the draws
-are seeded); the data is generated, never shipped, and its SHA-256 is printed and put in the YAML.
+``python -m kotara.tasks OUT_DIR [--files F1,F2,...]`` builds the shipped tasks, multiple choice
+over the docstrings of the given files of this Python's standard library (every file by default):
+``kotara_docstring_next_line``, "which line comes next in this docstring" (the wrong choices are
+lines of other docstrings), and ``kotara_docstring_word_order``, the same question with the right
+line's own words shuffled as the wrong choices (local well-formedness rather than the topical
+coherence the first needs). Deterministic for a given Python installation (the file order is
+sorted, the draws are seeded); the data is generated, never shipped, and its SHA-256 is printed and
+put in the YAML. Each document's ``source`` names its file.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TASK_NAME = "kotara_docstring_next_line"
+TASK_NAME = "kotara_docstring_next_line"  # wrong choices: lines of other docstrings
+WORD_ORDER_TASK = "kotara_docstring_word_order"  # wrong choices: the right line's words shuffled
+DISTRACTORS = {TASK_NAME: "other", WORD_ORDER_TASK: "shuffled"}
 NUM_CHOICES = 4
 MIN_LINES = 3  # a docstring needs >= 2 lines of context and one line to predict
 
@@ -136,30 +141,54 @@ def docstring_lines(files: Sequence[str] | None = None) -> list[tuple[str, list[
     return out
 
 
-def build_docs(docstrings: list[tuple[str, list[str]]], seed: int = 0, max_docs: int | None = None) -> list[dict]:
+def _other_lines(rng: random.Random, pool: list[str], lines: list[str], answer: str) -> list[str]:
+    """NUM_CHOICES - 1 lines of other docstrings, distinct from ``answer``, each other and ``lines``."""
+    wrong: list[str] = []
+    for _ in range(1000):  # bounded: a tiny pool cannot make this spin
+        if len(wrong) == NUM_CHOICES - 1:
+            return wrong
+        candidate = pool[rng.randrange(len(pool))]
+        if candidate != answer and candidate not in wrong and candidate not in lines:
+            wrong.append(candidate)
+    raise ValueError(f"too few distinct lines to draw {NUM_CHOICES - 1} wrong choices from")
+
+
+def _shuffled_lines(rng: random.Random, answer: str) -> list[str]:
+    """NUM_CHOICES - 1 distinct orders of ``answer``'s words, none the original (it has >= 4 words)."""
+    words, wrong = answer.split(), []
+    while len(wrong) < NUM_CHOICES - 1:  # >= 4 words: 23 other orders, so this ends
+        order = words[:]
+        rng.shuffle(order)
+        candidate = " ".join(order)
+        if candidate != " ".join(words) and candidate not in wrong:
+            wrong.append(candidate)
+    return wrong
+
+
+def build_docs(
+    docstrings: list[tuple[str, list[str]]], seed: int = 0, max_docs: int | None = None, distractors: str = "other"
+) -> list[dict]:
     """One multiple-choice document per docstring of >= MIN_LINES lines.
 
-    The line to predict is drawn among lines 3..n (so at least two lines of context); the three
-    wrong choices are lines of other docstrings, distinct from the right one and from each other;
-    the choices are shuffled. Returns dicts ``{source, context, choices, label}``.
+    The line to predict is drawn among lines 3..n (so at least two lines of context). Its three
+    wrong choices are, for ``distractors="other"``, lines of other docstrings (distinct from the
+    right one and from each other: which line *comes next*); for ``"shuffled"``, the right line's
+    own words in other orders (which line *is well formed*; only lines of >= 4 words are drawn).
+    The choices are shuffled. Returns dicts ``{source, context, choices, label}``.
     """
+    if distractors not in DISTRACTORS.values():
+        expected = ", ".join(DISTRACTORS.values())
+        raise ValueError(f"unknown distractors {distractors!r}; expected one of {expected}")
     rng = random.Random(seed)
     pool = sorted({line for _, lines in docstrings for line in lines})
     docs = []
     for source, lines in docstrings:
-        if len(lines) < MIN_LINES:
+        candidates = [k for k in range(2, len(lines)) if distractors == "other" or len(lines[k].split()) >= 4]
+        if len(lines) < MIN_LINES or not candidates:
             continue
-        k = rng.randrange(2, len(lines))
+        k = candidates[rng.randrange(len(candidates))]
         answer = lines[k]
-        wrong: list[str] = []
-        for _ in range(1000):  # bounded: a tiny pool cannot make this spin
-            if len(wrong) == NUM_CHOICES - 1:
-                break
-            candidate = pool[rng.randrange(len(pool))]
-            if candidate != answer and candidate not in wrong and candidate not in lines:
-                wrong.append(candidate)
-        if len(wrong) < NUM_CHOICES - 1:
-            raise ValueError(f"too few distinct lines to draw {NUM_CHOICES - 1} wrong choices from")
+        wrong = _other_lines(rng, pool, lines, answer) if distractors == "other" else _shuffled_lines(rng, answer)
         choices = [answer, *wrong]
         rng.shuffle(choices)
         docs.append({"source": source, "context": "\n".join(lines[:k]) + "\n", "choices": choices,
@@ -169,18 +198,18 @@ def build_docs(docstrings: list[tuple[str, list[str]]], seed: int = 0, max_docs:
     return docs
 
 
-def write_task(out_dir: Path, docs: list[dict]) -> tuple[Path, str]:
-    """The task's JSONL data and YAML config in ``out_dir``; returns (yaml path, data sha256)."""
+def write_task(out_dir: Path, name: str, docs: list[dict]) -> tuple[Path, str]:
+    """The task ``name``'s JSONL data and YAML config in ``out_dir``; returns (yaml path, data sha256)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = out_dir / f"{TASK_NAME}.jsonl"
+    data = out_dir / f"{name}.jsonl"
     payload = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
     data.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
-    config = out_dir / f"{TASK_NAME}.yaml"
+    config = out_dir / f"{name}.yaml"
     config.write_text(
         f"# Built by `python -m kotara.tasks` (Python {sys.version.split()[0]}): {len(docs)} documents,\n"
         f"# data sha256 {digest}\n"
-        f"task: {TASK_NAME}\n"
+        f"task: {name}\n"
         "dataset_path: json\n"
         "dataset_kwargs:\n"
         f"  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
@@ -189,7 +218,9 @@ def write_task(out_dir: Path, docs: list[dict]) -> tuple[Path, str]:
         'doc_to_text: "{{context}}"\n'
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        "metric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
         "metadata:\n  version: 1.0\n",
         encoding="utf-8",
     )
@@ -197,7 +228,7 @@ def write_task(out_dir: Path, docs: list[dict]) -> tuple[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kotara.tasks", description="Build the kotara_docstring_next_line task.")
+    p = argparse.ArgumentParser(prog="python -m kotara.tasks", description="Build the docstring tasks.")
     p.add_argument("out_dir", type=Path, help="directory to write the task YAML and its JSONL data into")
     p.add_argument("--files", default="", help="comma-separated stdlib-relative files (default: every stdlib file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the line and distractor draws (default 0)")
@@ -205,12 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     files = [f.strip() for f in args.files.split(",") if f.strip()]
     try:
-        docs = build_docs(docstring_lines(files or None), args.seed, args.max_docs)
+        docstrings = docstring_lines(files or None)
+        built = {name: build_docs(docstrings, args.seed, args.max_docs, kind) for name, kind in DISTRACTORS.items()}
     except ValueError as err:
         print(f"python -m kotara.tasks: error: {err}", file=sys.stderr)
         return 2
-    config, digest = write_task(args.out_dir, docs)
-    print(f"{config}: {len(docs)} documents, data sha256 {digest}")
+    for name, docs in built.items():
+        config, digest = write_task(args.out_dir, name, docs)
+        print(f"{config}: {len(docs)} documents, data sha256 {digest}")
     return 0
 
 

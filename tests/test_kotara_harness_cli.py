@@ -108,20 +108,26 @@ def test_unknown_task_names_lm_evals_close_matches(workspace, capsys):
     assert err.count("\n") == 1
 
 
-def test_docstring_task_is_deterministic_and_loads_in_lm_eval(tmp_path):
+def test_docstring_tasks_are_deterministic_and_load_in_lm_eval(tmp_path):
     files = ["json/decoder.py", "timeit.py", "warnings.py"]
-    docs = kotara_tasks.build_docs(kotara_tasks.docstring_lines(files))
-    assert docs == kotara_tasks.build_docs(kotara_tasks.docstring_lines(list(reversed(files))))
-    assert len(docs) >= 10
-    for doc in docs:
-        assert len(doc["choices"]) == kotara_tasks.NUM_CHOICES == len(set(doc["choices"]))
-        assert doc["context"].endswith("\n") and doc["context"].count("\n") >= 2
-        assert doc["source"] in files
+    lines = kotara_tasks.docstring_lines(files)
+    for name, kind in kotara_tasks.DISTRACTORS.items():
+        docs = kotara_tasks.build_docs(lines, distractors=kind)
+        assert docs == kotara_tasks.build_docs(kotara_tasks.docstring_lines(files[::-1]), distractors=kind)
+        assert len(docs) >= 10, name
+        for doc in docs:
+            answer = doc["choices"][doc["label"]]
+            assert len(doc["choices"]) == kotara_tasks.NUM_CHOICES == len(set(doc["choices"]))
+            assert doc["context"].endswith("\n") and doc["context"].count("\n") >= 2
+            assert doc["source"] in files
+            if kind == "shuffled":  # every wrong choice is the right line's words in another order
+                assert all(sorted(c.split()) == sorted(answer.split()) for c in doc["choices"])
+            else:
+                assert all(sorted(c.split()) != sorted(answer.split()) for c in doc["choices"] if c != answer)
     assert kotara_tasks.main([str(tmp_path), "--files", ",".join(files)]) == 0
-    config = tmp_path / f"{kotara_tasks.TASK_NAME}.yaml"
     resolved, manager = kotara_tasks.resolve_tasks(str(tmp_path))
-    assert resolved == [kotara_tasks.TASK_NAME]
-    task = manager.load([str(config)])["tasks"][kotara_tasks.TASK_NAME]
-    assert len(list(task.test_docs())) == len(docs)
+    assert resolved == sorted(kotara_tasks.DISTRACTORS)
+    loaded = manager.load(resolved)["tasks"]
+    assert len(list(loaded[kotara_tasks.TASK_NAME].test_docs())) == len(kotara_tasks.build_docs(lines))
     with pytest.raises(ValueError, match="not a standard-library file"):
         kotara_tasks.docstring_lines(["no_such_module.py"])
