@@ -46,6 +46,7 @@ from kotara.generate import (
     next_tokens,
 )
 from kotara.loading import LoadedModel, model_label
+from moc_kernels.reference.fused_logit_nll import LINEAR_POOLS
 
 EXTRA_HINT = "lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
 
@@ -66,6 +67,7 @@ except ImportError as err:  # one line for the CLI; the import error itself is c
 # generation_kwargs that Kotara's decoding honours (DESIGN §5a); any other key is an error, not ignored.
 GENERATION_KEYS = {"do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks", "max_length"}
 
+ROW_BLOCK = 256  # scored positions fused at a time (bounds the [rows, V] temporaries)
 _Request = tuple[Any, list[int], list[int]]  # (strings or None, context tokens, continuation tokens)
 
 
@@ -172,12 +174,43 @@ class FusedLM(HFLM):
         """The rows scored from each batch's logits: all of them (they are cheap next to the forwards)."""
         return self.rows
 
-    def _row_log_probs(self, row: str, logits: list[torch.Tensor]) -> torch.Tensor:
-        """log q [N, V] fp32 of ``row`` from each model's logits [N, V]."""
+    def _token_answers(
+        self, logits: list[torch.Tensor], positions: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every scored row's log q of ``targets`` [P] fp64 and whether each is argmax q [P] bool.
+
+        logits: each model's [N, V]; positions [P] int64 (rows of the logits; repeated where requests
+        share an input), targets [P] int64. A model alone is its log_softmax (as HFLM computes it).
+        The strategies come from one ``fused_logit_nll_multi`` call per weight group (each model's
+        statistics computed once for all of them, not once per strategy), and argmax q from the
+        weights it returns, without forming log q: a log-linear pool's log q is ``Σ α_i z_i`` less a
+        per-row constant, a linear pool's q is ``Σ α_i softmax(z_i)`` (``z_i`` = logits_i / T_i).
+        Rows are taken ROW_BLOCK at a time, so memory stays a few [ROW_BLOCK, V] buffers per model.
+        """
         names = [m.name for m in self.models]
-        if row in names:
-            return torch.log_softmax(logits[names.index(row)].float(), dim=-1)
-        return moc_kernels.fused_log_probs(logits, row, self.spec.temperatures, self._weights_for(row))
+        scored = self._score_rows()
+        strategies = [r for r in scored if r not in names]
+        spec = FusionSpec(strategies, self.spec.temperatures, self.spec.weights, self.spec.poe_betas)
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {row: [] for row in scored}
+        for start in range(0, positions.numel(), ROW_BLOCK):
+            where, wanted = positions[start : start + ROW_BLOCK], targets[start : start + ROW_BLOCK]
+            rows = [lg[where] for lg in logits]  # [b, V] per model
+            for name in set(scored) & set(names):
+                log_p = torch.log_softmax(rows[names.index(name)].float(), dim=-1)
+                parts[name].append((log_p.gather(1, wanted[:, None]).squeeze(1).double(), log_p.argmax(-1) == wanted))
+            fused = {}
+            for group, weights in spec.groups() if strategies else []:
+                fused.update(moc_kernels.fused_logit_nll_multi(rows, wanted, group, spec.temperatures, weights))
+            tempered = [z.float() / t for z, t in zip(rows, spec.temperatures)]
+            probs = [torch.softmax(z, dim=-1) for z in tempered] if set(strategies) & set(LINEAR_POOLS) else []
+            for strategy in strategies:
+                alphas = fused[strategy].weights  # [M, b]
+                pooled = probs if strategy in LINEAR_POOLS else tempered
+                score = sum(a[:, None] * x for a, x in zip(alphas, pooled))
+                parts[strategy].append((-fused[strategy].nll.double(), score.argmax(-1) == wanted))
+        return {
+            row: (torch.cat([p[0] for p in chunks]), torch.cat([p[1] for p in chunks])) for row, chunks in parts.items()
+        }
 
     # ------------------------------------------------------------------------------ properties
 
@@ -281,17 +314,13 @@ class FusedLM(HFLM):
         targets_t = torch.tensor(targets, device=fuse_device)
         owners_t = torch.tensor(owners, device=fuse_device)
         answers: list[dict[str, tuple[float, bool]]] = [{} for _ in keys]
-        for row in self._score_rows():
-            log_q = self._row_log_probs(row, per_model)
-            token_lp = log_q[positions_t, targets_t].double()
-            token_greedy = (log_q.argmax(-1)[positions_t] == targets_t).double()
+        lengths = torch.bincount(owners_t, minlength=len(keys)).double()
+        for row, (token_lp, token_greedy) in self._token_answers(per_model, positions_t, targets_t).items():
             lp = torch.zeros(len(keys), dtype=torch.float64, device=fuse_device).index_add_(0, owners_t, token_lp)
-            greedy = torch.zeros(len(keys), dtype=torch.float64, device=fuse_device).index_add_(
-                0, owners_t, token_greedy
-            )
-            lengths = torch.bincount(owners_t, minlength=len(keys)).double()
-            for k, (value, hits, n) in enumerate(zip(lp.tolist(), greedy.tolist(), lengths.tolist())):
-                answers[k][row] = (value, hits == n)
+            hits = torch.zeros(len(keys), dtype=torch.float64, device=fuse_device)
+            hits.index_add_(0, owners_t, token_greedy.double())
+            for k, (value, hit, n) in enumerate(zip(lp.tolist(), hits.tolist(), lengths.tolist())):
+                answers[k][row] = (value, hit == n)
         for key, answer in zip(keys, answers):
             self._scores[key] = answer
         self.forward_s += t1 - t0
