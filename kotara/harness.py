@@ -9,8 +9,8 @@ tokens ``hf`` would score each of them on.
 
 What differs: every batch runs each model's forward once, and from those logits every *row* is
 derived — each model alone (``a``, ``b``, …: ``log_softmax`` at temperature 1) and each fusion
-strategy (``moc_kernels.fused_log_probs``: the fused log q over the whole vocabulary, so that
-``is_greedy`` is judged under q). Every row's answer is kept per request (keyed by its tokens), and
+strategy (log q of the continuation from ``moc_kernels.fused_logit_nll_multi``; ``is_greedy`` judged
+under q, over the whole vocabulary). Every row's answer is kept per request (keyed by its tokens), and
 ``select_row`` picks the row that lm-eval is answered with: ``evaluate_rows`` then runs lm-eval once
 per row, the forwards happening in the first run only. Generation (``generate_until``) decodes with
 Kotara's fused generation (``kotara.generate``: per-model KV caches, fused q per step); its rows
