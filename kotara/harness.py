@@ -480,6 +480,10 @@ def evaluate_rows(
     scores kept then (generation rows decode each on their own). lm-eval re-seeds every run, so
     each row sees the same few-shot examples and the same ``limit`` subset.
     """
+    if simple_evaluate_kwargs.get("task_manager") is None:  # one index for every row (lm-eval's takes ~13 s)
+        from lm_eval.tasks import TaskManager
+
+        simple_evaluate_kwargs["task_manager"] = TaskManager()
     out = {}
     for row in lm.rows if rows is None else rows:
         lm.select_row(row)
