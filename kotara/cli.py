@@ -586,7 +586,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(
             "kotara eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
         ) from None
-    from kotara.harness import FusedLM, evaluate_rows, format_rows, rows_json
+    from kotara.harness import FusedLM, evaluate_rows
+    from kotara.harness_report import format_rows, rows_json
     from kotara.report import write_json_atomic
     from kotara.tasks import resolve_tasks
 
