@@ -135,17 +135,31 @@ def run_step(step: Step, ctx: Context, deadline: float) -> dict[str, Any]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the step's whole process group (pytest workers included), SIGKILL what is left."""
+    """SIGTERM the step's whole process group (pytest workers included), SIGKILL what is left; return
+    once no process of the group runs. A signal is delivered asynchronously: the group's leader can be
+    reaped while a child is still on its way out, so the whole group is waited for, not only the leader."""
     for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_runs(proc.pid):
+                return
+            time.sleep(0.05)
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (Linux /proc; a zombie runs no more)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            state, _ppid, group = stat.read_text().rsplit(") ", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
