@@ -353,8 +353,12 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full") and len(_losses(tmp_path / "full")) == 6
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# The MoE under both wrappings; each ablation under one (DDP: the unused-parameter case a dropped
+# module would hit; FSDP2: the sharding of the layer's remaining parameters), to keep the suite short.
+GLOO_CASES = [("moe", "ddp"), ("moe", "fsdp"), ("no_context", "fsdp"), ("no_collab", "ddp")]
+
+
+@pytest.mark.parametrize(("variant", "mode"), GLOO_CASES, ids=[f"{v}-{m}" for v, m in GLOO_CASES])
 def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, variant, mode):
     """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
     model = {"aux_loss_weight": 0.0}
