@@ -258,42 +258,6 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
-    """The ``eval`` command's parser (lm-evaluation-harness tasks on the fused model)."""
-    p = _Parser(
-        prog=f"{PROG} eval",
-        description="Evaluate the fused model of two or more causal LMs on lm-evaluation-harness tasks "
-        "(needs the 'eval' extra: pip install -e '.[eval]'). Tokenisation, truncation and batching are lm-eval's "
-        "'hf' model's; --strategy all scores each model alone and every strategy from one set of forwards.",
-    )
-    _add_model_flags(p)
-    _add_fusion_flags(
-        p, f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy"
-    )
-    t = p.add_argument_group("tasks")
-    t.add_argument(
-        "--tasks",
-        required=True,
-        help="comma-separated lm-eval task names (their data must be cached: HF_DATASETS_OFFLINE is honoured), "
-        "task YAML files, or directories of them",
-    )
-    t.add_argument("--include_path", action="append", default=[], help="more directories of task YAML files")
-    t.add_argument("--num_fewshot", type=int, help="few-shot examples per request (default: each task's own, or 0)")
-    t.add_argument("--limit", type=float, help="at most this many documents per task (< 1: that fraction of them)")
-    t.add_argument("--batch_size", type=int, default=1, help="requests per forward (default 1)")
-    t.add_argument("--max_length", type=int, help="context tokens per forward (default: the smallest of the models')")
-    t.add_argument("--seed", type=int, help="lm-eval's seeds (python, numpy, torch, few-shot) and the sampling draws")
-    t.add_argument(
-        "--bootstrap_iters", type=int, default=100000, help="bootstrap resamples for stderrs (lm-eval's default)"
-    )
-    o = p.add_argument_group("output")
-    o.add_argument("--output_path", help="write the JSON of every row (lm-eval's results per row) here")
-    o.add_argument("--log_samples", action="store_true", help="with --output_path: also every request's samples")
-    o.add_argument("--no_progress", action="store_true", help="no progress bars")
-    o.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p
-
-
 def _per_model(
     values: list[float],
     aliases: Sequence[float | None],
@@ -608,90 +572,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_eval_args(args: argparse.Namespace) -> None:
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
-    if args.limit is not None and not args.limit > 0:
-        raise ValueError(f"--limit must be > 0, got {args.limit:g}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_length is not None and args.max_length < 1:
-        raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
-    if args.log_samples and not args.output_path:
-        raise ValueError("--log_samples needs --output_path")
-    if args.output_path:
-        if os.path.isdir(args.output_path):
-            raise ValueError(f"--output_path {args.output_path!r} is a directory; give a file name")
-        _check_output_dir(args.output_path, "--output_path")
-        if not os.access(os.path.dirname(os.path.abspath(args.output_path)), os.W_OK):
-            raise ValueError(f"--output_path {args.output_path!r}: its directory is not writable")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("eval runs in one process: run it without torchrun")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """``kotara eval``: lm-eval tasks on each row (the fusion, or with ``all`` each model and strategy)."""
-    _check_eval_args(args)
-    strategies = _strategies(args.strategy)
-    _quiet_lm_eval(args.no_progress)
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            "kotara eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
-        ) from None
-    from kotara.harness import FusedLM, evaluate_rows
-    from kotara.harness_report import format_rows, rows_json
-    from kotara.report import write_json_atomic
-    from kotara.tasks import resolve_tasks
-
-    paths, _, devices, dtypes = _resolve_models(args)
-    spec = _fusion_spec(args, len(paths), strategies)
-    tasks, manager = resolve_tasks(args.tasks, args.include_path)
-    if args.kernels:
-        moc_kernels.set_backend(args.kernels)
-    tokenizer, tokenizer_path = _load_tokenizer(args, paths)
-    models = _load_models(args, paths, devices, dtypes, tokenizer, tokenizer_path)
-    lm = FusedLM(
-        models, strategy=args.strategy, tokenizer=tokenizer, temperatures=spec.temperatures, weights=spec.weights,
-        poe_betas=spec.poe_betas, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-    )  # fmt: skip
-    seeds = {} if args.seed is None else {
-        f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
-    }  # fmt: skip
-    rows = evaluate_rows(
-        lm, tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
-        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, **seeds,
-    )  # fmt: skip
-    labels = {m.name: path for m, path in zip(models, paths)}
-    print(format_rows(rows, labels))
-    if args.output_path:
-        config = {
-            "command": "kotara eval", "tasks": args.tasks, "resolved_tasks": tasks, "include_path": args.include_path,
-            "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
-            "max_length": lm.max_length, "seed": args.seed, "bootstrap_iters": args.bootstrap_iters,
-            "strategy": args.strategy, "temperatures": spec.temperatures, "weights": spec.weights,
-            "poe_betas": spec.poe_betas, "tokenizer": tokenizer_path, "dtype": args.dtype,
-            "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
-        }  # fmt: skip
-        write_json_atomic(args.output_path, rows_json(rows, lm, labels, config, args.log_samples))
-        print(f"results saved to {args.output_path}")
-    return 0
-
-
-def _quiet_lm_eval(no_progress: bool) -> None:
-    """lm-eval logs every task and request at INFO/WARNING; the table is what Kotara prints.
-
-    tqdm reads TQDM_DISABLE when a bar is made, so setting it here silences lm-eval's bars too.
-    """
-    import logging
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    if no_progress:
-        os.environ["TQDM_DISABLE"] = "1"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kotara`` and ``python kotara.py``; returns the exit code.
 
@@ -702,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "score"
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
+    from kotara.eval_cli import build_eval_parser, run_eval  # it builds on this module's helpers
+
     parser, runner = {
         "generate": (build_generate_parser, run_generate),
         "eval": (build_eval_parser, run_eval),
