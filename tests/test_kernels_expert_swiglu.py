@@ -166,3 +166,23 @@ def test_zero_tokens(kernel_module):
     assert y.shape == (0, SMALL[3], SMALL[1])
     grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
     assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
+def test_fp16_gate_up_gradients_keep_fp32_range(kernel_module):
+    """fp16 under a loss scale: dG and dU exceed fp16's 65,504 while dx does not (frozen weights, small
+    gate/up weights). The kernels keep dG, dU in fp32, as the reference does, so dx is finite and
+    matches; stored in fp16 they would be inf, and so would dx (the GradScaler would skip the step)."""
+    n, d, f, e = SMALL
+    x = (10 * torch.randn(n, d)).half().requires_grad_()
+    w1, w3 = ((0.02 * torch.randn(e, d, f)).half() for _ in range(2))
+    w2 = torch.randn(e, f, d).half()
+    dy = (1e4 * torch.randn(n, e, d)).half()  # a scaled upstream gradient, itself within fp16's range
+    # Precondition, from the SwiGLU derivative in fp32: some dG is beyond fp16, no dx is near it.
+    gate, up = (torch.einsum("nd,edf->nef", x.float(), w.float()) for w in (w1, w3))
+    d_hidden = torch.einsum("ned,efd->nef", dy.float(), w2.float())
+    sig = torch.sigmoid(gate)
+    assert (d_hidden * up * sig * (1 + gate * (1 - sig))).abs().max() > 65504
+    (dx_ref,) = torch.autograd.grad(reference.expert_swiglu(x, w1, w3, w2), x, dy)
+    assert dx_ref.abs().max() < 65504 / 2
+    (dx,) = torch.autograd.grad(_triton(x, w1, w3, w2), x, dy)
+    assert_rel_close(dx, dx_ref, torch.float16, "dx")

@@ -29,10 +29,13 @@ Saved for backward (besides the inputs x, w1, w3, w2, which autograd keeps anywa
 The reference's autograd keeps gate, silu(gate), up and hidden in fp32 (4 * N * E * F * 4 bytes).
 
 All products accumulate in fp32; G, U, H, dG, dU are stored in x's dtype (the precision the
-tensor-core GEMMs consume). fp32 inputs use exact fp32 products (``input_precision="ieee"``).
-fp16 caveat (not changed): under GradScaler's scale (65,536 at the start) dG and dU may exceed fp16's
-65,504 where the reference keeps fp32; such a step is skipped by the scaler like any overflow. bf16
-(the trainer's CUDA default) has fp32's range.
+tensor-core GEMMs consume), except dG and dU of fp16 data, stored in fp32 (``grad_dtype``): under a
+GradScaler's loss scale (65,536 at the start) they can exceed fp16's 65,504 where dx and dW do not,
+which would turn the step's gradients into inf (the cost: the backward's two transient [N, E, F]
+buffers are twice as large). Their GEMMs (dx, dW1/dW3) then run tf32 products,
+fp16's precision with fp32's range (fp16 -> tf32 is exact). G, U, H are forward activations, not
+scaled. bf16 (the trainer's CUDA default) has fp32's range. fp32 inputs use exact fp32 products
+(``input_precision="ieee"``).
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live. Launchers read them (block sizes are clamped to
 # the problem for small shapes), and compile_specs() compiles exactly these for the report.
-# "bf16" also serves fp16. Tiles were chosen by compiling candidates for sm_80 and sm_90 at
-# SHIPPED_SHAPE (`python -m moc_kernels.report --ops expert_swiglu`): every bf16 config has 0 spill
-# bytes, fits shared memory on both, and lowers to wgmma on sm_90 / mma on sm_80. Spilling candidates
-# that were rejected: two 128x64 accumulators with BK=64 (gate_up: 96 B on sm_80 and sm_90), 128x64
-# dH with its G/U epilogue (96-128 B), 64x64 with BK=64 at 4 warps (all kernels: 100-2800 B).
+# "bf16" also serves fp16 where no "fp16" entry is given. Tiles were chosen by compiling candidates
+# for sm_80 and sm_90 at SHIPPED_SHAPE (`python -m moc_kernels.report --ops expert_swiglu`): every
+# bf16 config has 0 spill bytes, fits shared memory on both, and lowers to wgmma on sm_90 / mma on
+# sm_80. Spilling candidates that were rejected: two 128x64 accumulators with BK=64 (gate_up: 96 B
+# on sm_80 and sm_90), 128x64 dH with its G/U epilogue (96-128 B), 64x64 with BK=64 at 4 warps (all
+# kernels: 100-2800 B).
 # Caveat: the report compiles without the divisibility-by-16 hints Triton adds at launch, so loads
 # are not vectorised there and registers are overstated (gate_up 128x64x64 w8 on sm_90: 255 regs +
 # 96 B spill without hints, 102 regs, 0 spill with them); the configs are clean either way.
@@ -65,8 +69,11 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
+    # fp16 reads fp32 dG/dU tiles here and in "dx" (``grad_dtype``): bf16's tiles would need 104-112 KB
+    # of shared memory (and dx spilled 16-24 B), so its K blocks are halved.
     "dw13": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # Y_e = H_e W2_e (M = N tokens, N = D, K = F) and dW2_e = H_e^T dY_e (M = F, N = D, K = tokens).
@@ -91,6 +98,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # stages Triton 3.6 spilled 8 B on sm_90 (128 registers; 3.9 did not), with 1 both compile clean.
     "dx": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        "fp16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     },
 }
@@ -102,6 +110,12 @@ RECOMPUTE_GATE_UP = False
 
 _DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the backward's dG, dU buffers: x's, but fp32 for fp16 data (a loss-scaled dG or dU
+    can exceed fp16's 65,504 where dx and dW do not; bf16 has fp32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -140,6 +154,12 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     16-bit storage of bf16 operands, so there both go to fp32 first (bf16 -> fp32 is exact)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype != b.dtype:
+        # fp16 data with fp32 dG/dU (``grad_dtype``): both to fp32, tf32 products. fp16 -> tf32 is
+        # exact (same 10-bit mantissa) and dG/dU keep fp16's precision but fp32's range. (Assigned,
+        # not returned: code after a static if's return is still compiled.)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -407,7 +427,8 @@ class _Launch:
 def _config(name: str, dtype: torch.dtype, m: int, n: int, k: int) -> dict[str, int]:
     """The table's config for ``name``, with blocks shrunk (not below 16, tl.dot's minimum) to the
     problem so small shapes do not run mostly-masked tiles."""
-    cfg = dict(CONFIGS[name][_DTYPE_KEY[dtype]])
+    table = CONFIGS[name]
+    cfg = dict(table.get(_TL_NAME[dtype]) or table[_DTYPE_KEY[dtype]])
     for key, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k)):
         cfg[key] = min(cfg[key], max(16, triton.next_power_of_2(size)))
     return cfg
@@ -506,7 +527,7 @@ def _plan_dx(dg, du, w1, w3, dx) -> _Launch:
         stride_w3e=w3.stride(0), stride_w3d=w3.stride(1), stride_w3f=w3.stride(2),
         stride_dxn=dx.stride(0), stride_dxd=dx.stride(1),
     )  # fmt: skip
-    return _plan(_dx, "dx", dg.dtype, n_tokens, dim, hidden, 1, args)
+    return _plan(_dx, "dx", w1.dtype, n_tokens, dim, hidden, 1, args)
 
 
 def _plan_dw13(x, dg, du, dw1, dw3) -> _Launch:
@@ -570,8 +591,8 @@ def _backward_plans(dy, x, w1, w3, w2, g, u, recompute: bool, needs=(True, True,
     n_tokens, dim = x.shape
     num_experts, _, hidden = w1.shape
     shape_h = (n_tokens, num_experts, hidden)
-    dg = _empty(shape_h, x.dtype, x.device)
-    du = _empty(shape_h, x.dtype, x.device)
+    dg = _empty(shape_h, grad_dtype(x.dtype), x.device)
+    du = _empty(shape_h, grad_dtype(x.dtype), x.device)
     h = _empty(shape_h, x.dtype, x.device)
     if recompute:
         g = u = h  # never read when RECOMPUTE
@@ -725,7 +746,9 @@ def compile_specs() -> list[KernelSpec]:
     [E, D, 2F] as the model stores them), so the report compiles exactly what would be launched."""
     specs = []
     n_tokens, dim, num_experts, hidden = (SHIPPED_SHAPE[k] for k in ("N", "D", "E", "F"))
-    for dtype in (torch.bfloat16, torch.float32):
+    # fp16: its forward compiles bf16's configs with another 16-bit type; its backward differs (fp32
+    # dG/dU, ``grad_dtype``), so only the backward is listed for it.
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
         meta = {"dtype": dtype, "device": "meta"}
         x = torch.empty(n_tokens, dim, **meta)
         packed = torch.empty(num_experts, dim, 2 * hidden, **meta)
@@ -735,7 +758,7 @@ def compile_specs() -> list[KernelSpec]:
         dy = torch.empty(n_tokens, num_experts, dim, **meta)
         _, backward = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=False)
         _, recomputed = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=True)
-        for plan in [*forward, *backward, recomputed[0]]:
+        for plan in [*forward, *backward, recomputed[0]][2 if dtype == torch.float16 else 0 :]:
             plan.args["UPCAST"] = False  # the report compiles for GPUs, never the interpreter
             specs.append(_spec(plan, dtype))
     return specs
