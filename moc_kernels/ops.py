@@ -29,6 +29,29 @@ def _implementation(op: str, device: torch.device, function: str | None = None):
     return getattr(backend.kernel_module(op), function or op)
 
 
+def _check_experts(op: str, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> None:
+    """The shapes and dtype both SwiGLU ops take: x [N, D]; w1, w3 [E, D, F] or w3 None and w1 the
+    packed w13 [E, D, 2F]; w2 [E, F, D]."""
+    _require(x.dim() == 2, f"{op}: x must be [N, D], got shape {tuple(x.shape)}")
+    if w3 is None:
+        _require(
+            w1.dim() == 3 and w1.shape[2] % 2 == 0, f"{op}: packed w13 must be [E, D, 2F], got shape {tuple(w1.shape)}"
+        )
+        num_experts, dim, hidden = w1.shape[0], w1.shape[1], w1.shape[2] // 2
+    else:
+        _require(
+            w1.dim() == 3 and w1.shape == w3.shape,
+            f"{op}: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
+        )
+        num_experts, dim, hidden = w1.shape
+    _require(x.shape[1] == dim, f"{op}: x has D={x.shape[1]} but w1 expects D={dim}")
+    _require(
+        tuple(w2.shape) == (num_experts, hidden, dim),
+        f"{op}: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
+    )
+    _require(x.dtype in FLOAT_DTYPES, f"{op}: unsupported dtype {x.dtype}")
+
+
 def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
     """All E experts' SwiGLU on every token: x [N, D], w1/w3 [E, D, F], w2 [E, F, D] -> Y [N, E, D].
 
@@ -37,56 +60,29 @@ def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2
     w13[..., F:]): pass it packed rather than as two views, so that its gradient is written as one
     [E, D, 2F] tensor instead of two zero-padded halves that autograd adds.
     """
-    _require(x.dim() == 2, f"expert_swiglu: x must be [N, D], got shape {tuple(x.shape)}")
-    if w3 is None:
-        _require(
-            w1.dim() == 3 and w1.shape[2] % 2 == 0,
-            f"expert_swiglu: packed w13 must be [E, D, 2F], got shape {tuple(w1.shape)}",
-        )
-        num_experts, dim, hidden = w1.shape[0], w1.shape[1], w1.shape[2] // 2
-    else:
-        _require(
-            w1.dim() == 3 and w1.shape == w3.shape,
-            f"expert_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
-        )
-        num_experts, dim, hidden = w1.shape
-    _require(x.shape[1] == dim, f"expert_swiglu: x has D={x.shape[1]} but w1 expects D={dim}")
-    _require(
-        tuple(w2.shape) == (num_experts, hidden, dim),
-        f"expert_swiglu: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
-    )
-    _require(x.dtype in FLOAT_DTYPES, f"expert_swiglu: unsupported dtype {x.dtype}")
+    _check_experts("expert_swiglu", x, w1, w3, w2)
     return _implementation("expert_swiglu", x.device)(x, w1, w3, w2)
 
 
 def routed_swiglu(
-    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
 ) -> torch.Tensor:
     """Each token's k routed experts' SwiGLU: x [N, D], idx [N, k] int64 in [0, E), w1/w3 [E, D, F],
     w2 [E, F, D] -> Y [N, k, D].
 
     ``Y[n, j] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` with ``e = idx[n, j]``: k/E of
-    ``expert_swiglu``'s FLOPs. fp32|bf16|fp16, fp32 accumulation, output in x's dtype; w1 and w3 may
-    be views of one packed [E, D, 2F] tensor. An expert repeated within a row is computed again for
-    that slot (gradients add up). Differentiable in x, w1, w3, w2.
+    ``expert_swiglu``'s FLOPs. fp32|bf16|fp16, fp32 accumulation, output in x's dtype. With
+    ``w3=None``, w1 is the packed w13 [E, D, 2F], as in ``expert_swiglu`` (one gradient, no
+    zero-padded halves). An expert repeated within a row is computed again for that slot (gradients
+    add up). Differentiable in x and the weights.
     """
-    _require(x.dim() == 2, f"routed_swiglu: x must be [N, D], got shape {tuple(x.shape)}")
+    _check_experts("routed_swiglu", x, w1, w3, w2)
     _require(
         idx.dim() == 2 and idx.shape[0] == x.shape[0],
         f"routed_swiglu: idx must be [N, k] with N={x.shape[0]}, got {tuple(idx.shape)}",
     )
     _require(idx.dtype == torch.int64, f"routed_swiglu: idx must be int64, got {idx.dtype}")
-    _require(
-        w1.dim() == 3 and w1.shape == w3.shape,
-        f"routed_swiglu: w1 and w3 must be the same [E, D, F], got {tuple(w1.shape)} and {tuple(w3.shape)}",
-    )
-    num_experts, dim, hidden = w1.shape
-    _require(x.shape[1] == dim, f"routed_swiglu: x has D={x.shape[1]} but w1 expects D={dim}")
-    _require(
-        tuple(w2.shape) == (num_experts, hidden, dim),
-        f"routed_swiglu: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
-    )
-    _require(x.dtype in FLOAT_DTYPES, f"routed_swiglu: unsupported dtype {x.dtype}")
+    num_experts = w2.shape[0]
     # Out-of-range indices would read other experts' weights: check on the device (no host sync).
     torch._assert_async(((idx >= 0) & (idx < num_experts)).all(), f"routed_swiglu: idx outside [0, E={num_experts})")
     return _implementation("routed_swiglu", x.device)(x, idx, w1, w3, w2)

@@ -51,9 +51,8 @@ class TopKMoEModule(nn.Module):
 
         # Sparse compute: slot j of token n is SwiGLU_{idx[n, j]}(x[n]) only, never the other E - k.
         tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
-        w1, w3 = w13[..., : self.hidden], w13[..., self.hidden :]
         routed = _even_routed_swiglu if tokens.is_meta else mk.routed_swiglu
-        slots = routed(tokens, top_idx, w1, w3, w2)  # [N, k, D]
+        slots = routed(tokens, top_idx, w13, None, w2)  # [N, k, D]; w13 packed: one gradient, no slices
         combined = (top_weights.unsqueeze(-1) * slots.float()).sum(dim=1)
         out = combined.to(x.dtype).view(batch, seq, dim)
 
@@ -65,15 +64,16 @@ class TopKMoEModule(nn.Module):
 
 
 def _even_routed_swiglu(
-    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, _: None, w2: torch.Tensor
 ) -> torch.Tensor:
     """``routed_swiglu``'s shapes and GEMMs on the meta device, the N * k rows split evenly among experts.
 
     ``python -m model.info`` measures activations on meta tensors, which have no values to route
     by (the reference sizes its per-expert blocks from the routing on the host). The saved tensors
     depend on the number of rows, not on which expert gets them, so an even split saves what any
-    routing would. x: [N, D], idx: [N, k] -> [N, k, D] (meta).
+    routing would. x: [N, D], idx: [N, k], w13 packed [E, D, 2F] -> [N, k, D] (meta).
     """
+    w1, w3 = w13.split(w2.shape[1], dim=-1)
     n_tokens, top_k = idx.shape
     rows = x.float().repeat_interleave(top_k, dim=0)  # [N * k, D]
     blocks = rows.tensor_split(w1.shape[0])

@@ -76,12 +76,13 @@ def kernel_module(monkeypatch):
 
 
 def _weights(dtype, shape, packed=False):
-    """(w1, w3, w2, leaves): w1, w3 separate leaves, or views of one packed [E, D, 2F] leaf."""
+    """(w1, w3, w2, leaves): w1, w3 separate leaves, or (packed) w1 the packed w13 [E, D, 2F] leaf and
+    w3 None."""
     _, dim, hidden, experts = shape
     w2 = (torch.randn(experts, hidden, dim) / hidden**0.5).to(dtype).requires_grad_()
     if packed:
         w13 = (torch.randn(experts, dim, 2 * hidden) / dim**0.5).to(dtype).requires_grad_()
-        return w13[..., :hidden], w13[..., hidden:], w2, [w13, w2]
+        return w13, None, w2, [w13, w2]
     w1, w3 = ((torch.randn(experts, dim, hidden) / dim**0.5).to(dtype).requires_grad_() for _ in range(2))
     return w1, w3, w2, [w1, w3, w2]
 
@@ -139,12 +140,12 @@ def test_routing_edge_cases(kernel_module, case):
 
 
 @pytest.mark.triton
-def test_packed_w13_views(kernel_module):
-    """w1, w3 as the two halves of one [E, D, 2F] tensor: strided loads without a copy, and the two
-    per-view gradients land in the right halves of the packed gradient."""
+def test_packed_w13(kernel_module):
+    """The packed w13 [E, D, 2F] (w3 None): its halves read by strides without a copy, and dW1, dW3
+    written into the right halves of its one gradient."""
     x = torch.randn(N, D).bfloat16().requires_grad_()
     w1, w3, w2, leaves = _weights(torch.bfloat16, (N, D, HIDDEN, E), packed=True)
-    assert not w1.is_contiguous()
+    assert w3 is None
     _check_against_reference(x, _idx("unused_expert", N, E), w1, w3, w2, leaves, torch.bfloat16, ("dx", "dw13", "dw2"))
 
 
@@ -269,3 +270,25 @@ def test_flops_are_k_over_e_of_all_experts(path):
     for phase, got, all_experts in zip(("forward", "backward"), routed, dense):
         ratio = got / (top_k / experts * all_experts)
         assert abs(ratio - 1) <= 0.05, f"{path} {phase}: {got} FLOPs = {ratio:.3f} x k/E x expert_swiglu's"
+
+
+@pytest.mark.triton
+def test_fp16_gate_up_gradients_keep_fp32_range(kernel_module):
+    """fp16 under a loss scale: dG and dU exceed fp16's 65,504 while dx does not (frozen weights, small
+    gate/up weights). dG, dU are kept fp32, as in the reference, so dx is finite and matches; stored
+    in fp16 they would be inf, and so would dx (the GradScaler would skip the step)."""
+    n, d, f, e = SMALL
+    x = (10 * torch.randn(n, d)).half().requires_grad_()
+    w1, w3 = ((0.02 * torch.randn(e, d, f)).half() for _ in range(2))
+    w2 = torch.randn(e, f, d).half()
+    idx = _idx("unused_expert", n, e)
+    dy = (1e4 * torch.randn(n, K, d)).half()  # a scaled upstream gradient, itself within fp16's range
+    # Precondition, from the SwiGLU derivative in fp32: some dG is beyond fp16, no dx is near it.
+    gate, up = (torch.einsum("nd,nkdf->nkf", x.float(), w[idx].float()) for w in (w1, w3))
+    d_hidden = torch.einsum("nkd,nkfd->nkf", dy.float(), w2[idx].float())
+    sig = torch.sigmoid(gate)
+    assert (d_hidden * up * sig * (1 + gate * (1 - sig))).abs().max() > 65504
+    (dx_ref,) = torch.autograd.grad(reference.routed_swiglu(x, idx, w1, w3, w2), x, dy)
+    assert dx_ref.abs().max() < 65504 / 2
+    (dx,) = torch.autograd.grad(_triton(x, idx, w1, w3, w2), x, dy)
+    assert_rel_close(dx, dx_ref, torch.float16, "dx")

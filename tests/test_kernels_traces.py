@@ -98,18 +98,23 @@ def test_small_attention_backward_fills_no_lse_or_entropy_gradients(use_entropy)
 # ------------------------------------------------------------------ the packed w13 and frozen weights
 
 
-def test_moc_layer_backward_writes_w13_gradient_without_slice_backward():
-    """The model stores gate and up packed in w13 [E, D, 2F]; two views of it would cost two
-    ``slice_backward`` (each a zero-filled [E, D, 2F]) and an add per layer and step."""
+@pytest.mark.parametrize("ffn", ["moc", "moe"])
+def test_expert_layer_backward_writes_w13_gradient_without_slice_backward(ffn):
+    """The model stores gate and up packed in w13 [E, D, 2F] (MoC's expert_swiglu and the MoE
+    baseline's routed_swiglu); two views of it would cost two ``slice_backward`` (each a zero-filled
+    [E, D, 2F]) and an add per layer and step."""
     config = ModelConfig.from_dict(
-        dict(d_model=32, n_layers=1, n_heads=2, vocab_size=31, multiple_of=16, max_seq_len=8, n_experts=3, top_k=2)
-    )
+        dict(
+            d_model=32, n_layers=1, n_heads=2, vocab_size=31, multiple_of=16, max_seq_len=8, n_experts=3, top_k=2,
+            ffn=ffn,
+        )
+    )  # fmt: skip
     config = ModelConfig.from_dict({**config.to_dict(), "kernels": "triton"})
     lm = LunarisLM(config)
     ids = torch.randint(0, 31, (1, 5))
     out = lm(ids, ids)
     w13_shapes = {tuple(p.shape) for name, p in lm.named_parameters() if name.endswith("w13")}
-    assert w13_shapes, "no w13 parameter: the test no longer looks at the MoC layer"
+    assert w13_shapes, "no w13 parameter: the test no longer looks at the expert layer"
     with OpTrace() as trace:
         (out.loss + out.aux_loss).backward()
     assert not set(trace.shapes_of({"aten.slice_backward.default"})) & w13_shapes, "slice_backward of w13"

@@ -5,11 +5,12 @@ import torch.nn.functional as F
 
 
 def routed_swiglu(
-    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
 ) -> torch.Tensor:
     """``Y[n, j] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` with ``e = idx[n, j]``.
 
-    x: [N, D]; idx: [N, k] int64 in [0, E); w1, w3: [E, D, F]; w2: [E, F, D]; fp32|bf16|fp16,
+    x: [N, D]; idx: [N, k] int64 in [0, E); w1, w3: [E, D, F], or w3 None and w1 the packed w13
+    [E, D, 2F] (w1 = w13[..., :F], w3 = w13[..., F:]); w2: [E, F, D]; fp32|bf16|fp16,
     math in fp32 (fp64 inputs stay fp64, for gradcheck). Returns Y: [N, k, D] in x's dtype.
     Each (token, slot) pair is computed on its own, so an expert repeated within a token's row just
     gives that slot the same output again (and its gradients add up).
@@ -25,6 +26,8 @@ def routed_swiglu(
     searchsorted, gather) is queued on the device. The Triton kernels have no such sync (their grid
     does not depend on the counts).
     """
+    if w3 is None:
+        w1, w3 = w1.split(w2.shape[1], dim=-1)
     math_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
     n_tokens, top_k = idx.shape
     num_experts = w1.shape[0]

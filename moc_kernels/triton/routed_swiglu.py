@@ -1,7 +1,7 @@
 """Triton ``routed_swiglu``: each token's k routed experts' SwiGLU as grouped GEMMs, forward and backward.
 
-x [N, D], idx [N, k] int64, w1, w3 [E, D, F] (may be strided views of one packed [E, D, 2F]),
-w2 [E, F, D] -> Y [N, k, D] with Y[n, j] = SwiGLU_{idx[n, j]}(x[n]).
+x [N, D], idx [N, k] int64, w13 [E, D, 2F] (gate w1 = w13[..., :F] and up w3 = w13[..., F:], read
+as strided views of the one tensor), w2 [E, F, D] -> Y [N, k, D] with Y[n, j] = SwiGLU_{idx[n, j]}(x[n]).
 
 Routing, on the device, no host sync: the P = N * k (token, slot) pairs (pair p = n * k + j) sorted by
 expert (``order``: sorted row -> pair; stable, so an expert's rows stay in token order) and
@@ -21,13 +21,15 @@ Backward (dY [N, k, D]):
   4. ``_routed_rows_matmul`` (two products): dX_pair[order[i]] = dG[i] W1_e^T + dU[i] W3_e^T in fp32,
      then dx[n] = sum_j dX_pair[n, j] (a token's k slots sit in k places of the sorted order).
   5. ``_routed_weight_grad``: dW1_e = X_e^T dG_e and dW3_e = X_e^T dU_e, one program per [D, F] tile
-     of one expert, its K loop over that expert's rows; 6. the same for dW2_e = H_e^T dY_e.
+     of one expert, its K loop over that expert's rows, written by strides into the two halves of one
+     [E, D, 2F] gradient of w13 (no slice_backward); 6. the same for dW2_e = H_e^T dY_e.
 
 Repeated experts within a token's row are handled: every pair is its own row, so a repeat is one more
 row of that expert (its output equals the first's; its gradients add up in dx and dW).
 Saved for backward: G and U, [P, F] each in x's dtype (k/E of ``expert_swiglu``'s), ``order`` and
-``expert_offsets`` (int32). Products accumulate in fp32; G, U, H, dG, dU are stored in x's dtype (as
-in ``expert_swiglu``). Gradients autograd does not need are not computed.
+``expert_offsets`` (int32). Products accumulate in fp32; G, U, H, dG, dU are stored in x's dtype,
+except dG, dU of fp16 data, kept fp32 (as in ``expert_swiglu``, whose docstring says why).
+Gradients autograd does not need are not computed.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
 
 # The interpreter-safe product, rounding store, sigmoid and launch record; shared with expert_swiglu.
-from moc_kernels.triton.expert_swiglu import _Launch, _mma, _sigmoid, _store
+from moc_kernels.triton.expert_swiglu import _gate_up_views, _Launch, _mma, _sigmoid, _store, grad_dtype
 from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live (launchers read them, block sizes clamped to small
-# problems; compile_specs() compiles exactly these for the report). "bf16" also serves fp16. Tiles
+# problems; compile_specs() compiles exactly these for the report). "bf16" also serves fp16 where no
+# "fp16" entry is given. Tiles
 # start from expert_swiglu's for the same GEMM shapes; `python -m moc_kernels.report --ops
 # routed_swiglu` at SHIPPED_SHAPE, Triton 3.9 and 3.6: 0 spills on sm_80 and sm_90, wgmma / mma. The
 # gathered x rows cost registers (a 64-bit pointer per element): expert_swiglu's 128x64x16 gate/up
@@ -70,13 +73,16 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dX_pair[order] = dG W1_e^T + dU W3_e^T (N = D, K = F, two products into one accumulator).
+    # fp16 reads fp32 dG/dU tiles here and in "dw13" (``grad_dtype``), so its K blocks are halved.
     "dx": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        "fp16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     },
     # dW1_e/dW3_e = X_e^T dG_e/dU_e (M = D, N = F, K = the expert's rows), two accumulators.
     "dw13": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        "fp16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dW2_e = H_e^T dY_e (M = F, N = D, K = the expert's rows).
@@ -89,6 +95,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 SHIPPED_SHAPE = {"N": 16384, "D": 768, "E": 8, "F": 2048, "k": 2}
 
 _DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -339,16 +346,18 @@ def _routed_weight_grad(
 _META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-def _plan(fn, name: str, args: dict[str, Any], flags: tuple[str, ...], dims, grid_m=None, batch: int = 1) -> _Launch:
-    """The launch of ``fn`` with the table's config for ``name`` and the dtype of its first tensor (the
-    GEMM's first operand), blocks shrunk (not below 16, tl.dot's minimum) to ``dims`` = (M, N, K).
-    The grid's first axis is ``grid_m(BLOCK_M)``, by default the routed kernels' row blocks:
+def _plan(
+    fn, name: str, dtype: torch.dtype, args: dict[str, Any], flags: tuple[str, ...], dims, grid_m=None, batch: int = 1
+) -> _Launch:
+    """The launch of ``fn`` with the table's config for ``name`` and the data's ``dtype`` (x's), blocks
+    shrunk (not below 16, tl.dot's minimum) to ``dims`` = (M, N, K). The grid's first axis is
+    ``grid_m(BLOCK_M)``, by default the routed kernels' row blocks:
     sum_e ceil(rows_e / BLOCK_M) <= ceil(P / BLOCK_M) + E."""
-    dtype = next(v.dtype for v in args.values() if isinstance(v, torch.Tensor))
     if grid_m is None:
         pairs, num_experts = args["order_ptr"].shape[0], args["expert_offsets_ptr"].shape[0] - 1
         grid_m = lambda block_m: triton.cdiv(pairs, block_m) + num_experts  # noqa: E731
-    cfg = dict(CONFIGS[name][_DTYPE_KEY[dtype]])
+    table = CONFIGS[name]
+    cfg = dict(table.get(_TL_NAME[dtype]) or table[_DTYPE_KEY[dtype]])
     for key, size in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), dims):
         cfg[key] = min(cfg[key], max(16, triton.next_power_of_2(size)))
     # In-tile offsets are 32-bit (row, tile and expert origins 64-bit): stride x block must stay < 2^31.
@@ -376,11 +385,12 @@ def _plan_gate_up(x, w1, w3, routing, g, u, h) -> _Launch:
         stride_we=w1.stride(0), stride_wd=w1.stride(1), stride_wf=w1.stride(2),
         stride_hm=h.stride(0), stride_hf=h.stride(1),
     )  # fmt: skip
-    return _plan(_routed_gate_up, "gate_up", args, (), (pairs, hidden, dim))
+    return _plan(_routed_gate_up, "gate_up", x.dtype, args, (), (pairs, hidden, dim))
 
 
 def _plan_rows(name, a, a2, b, b2, out, routing) -> _Launch:
-    """C[order[i]] = A[i] B_e (+ A2[i] B2_e): B, B2 [E, K, N] by strides (transposed views welcome)."""
+    """C[order[i]] = A[i] B_e (+ A2[i] B2_e): B, B2 [E, K, N] weights by strides (transposed views
+    welcome), in the data's dtype (A may be fp32 dG/dU)."""
     order, offsets, _ = routing
     (pairs, inner), (num_experts, _, cols) = a.shape, b.shape
     assert b.stride() == b2.stride() and a.stride() == a2.stride()
@@ -392,7 +402,7 @@ def _plan_rows(name, a, a2, b, b2, out, routing) -> _Launch:
         stride_cm=out.stride(0), stride_cn=out.stride(1),
         DUAL=a2 is not a,
     )  # fmt: skip
-    return _plan(_routed_rows_matmul, name, args, ("DUAL",), (pairs, cols, inner))
+    return _plan(_routed_rows_matmul, name, b.dtype, args, ("DUAL",), (pairs, cols, inner))
 
 
 def _plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h) -> _Launch:
@@ -406,7 +416,7 @@ def _plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h) -> _Launch:
         stride_w2e=w2.stride(0), stride_w2f=w2.stride(1), stride_w2d=w2.stride(2),
         stride_hm=h.stride(0), stride_hf=h.stride(1),
     )  # fmt: skip
-    return _plan(_routed_swiglu_grad, "swiglu_grad", args, (), (pairs, hidden, dim))
+    return _plan(_routed_swiglu_grad, "swiglu_grad", dy.dtype, args, (), (pairs, hidden, dim))
 
 
 def _plan_weight_grad(name, a, b1, b2, c1, c2, routing, a_by_token: bool, b_by_pair: bool) -> _Launch:
@@ -423,7 +433,8 @@ def _plan_weight_grad(name, a, b1, b2, c1, c2, routing, a_by_token: bool, b_by_p
         A_BY_TOKEN=a_by_token, B_BY_PAIR=b_by_pair, DUAL=c2 is not c1,
     )  # fmt: skip
     flags, dims = ("A_BY_TOKEN", "B_BY_PAIR", "DUAL"), (rows, cols, order.shape[0])
-    return _plan(_routed_weight_grad, name, args, flags, dims, lambda block_m: triton.cdiv(rows, block_m), num_experts)
+    grid_m = lambda block_m: triton.cdiv(rows, block_m)  # noqa: E731
+    return _plan(_routed_weight_grad, name, c1.dtype, args, flags, dims, grid_m, num_experts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,31 +460,35 @@ def _forward_plans(x, w1, w3, w2, routing):
 
 
 def _backward_plans(dy, x, w1, w3, w2, routing, g, u, needs: tuple[bool, bool, bool]):
-    """Buffers and launches of the backward from dY [P, D]: returns ((dX_pair [P, D] fp32, dw1, dw3,
-    dw2), plans); the outputs of gradients not in ``needs`` (dx, dw1/dw3, dw2) are 0-element."""
+    """Buffers and launches of the backward from dY [P, D]: returns ((dX_pair [P, D] fp32, dw13
+    [E, D, 2F], dw2), plans); the outputs of gradients not in ``needs`` (dx, dw13, dw2) are 0-element.
+    dG, dU are fp32 for fp16 data (``grad_dtype``: a loss-scaled dG may exceed fp16's range)."""
     pairs, hidden = g.shape
-    dg, du, h = (_empty((pairs, hidden), x.dtype, x.device) for _ in range(3))
+    dg, du = (_empty((pairs, hidden), grad_dtype(x.dtype), x.device) for _ in range(2))
+    h = _empty((pairs, hidden), x.dtype, x.device)
     plans = [_plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h)]
-    dx_pairs, dw1, dw3, dw2 = (x.new_empty(0) for _ in range(4))  # distinct: custom-op outputs may not alias
+    dx_pairs, dw13, dw2 = (x.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if needs[0]:
         # fp32: a token's k slot gradients are summed afterwards, rounded once to x's dtype.
         dx_pairs = _empty((pairs, x.shape[1]), torch.float32, x.device)
         plans.append(_plan_rows("dx", dg, du, w1.transpose(1, 2), w3.transpose(1, 2), dx_pairs, routing))
     if needs[1]:
-        dw1, dw3 = _empty(tuple(w1.shape), w1.dtype, x.device), _empty(tuple(w3.shape), w3.dtype, x.device)
+        # dW1, dW3 written by strides into the two halves of one gradient of the packed w13.
+        dw13 = _empty((w1.shape[0], w1.shape[1], 2 * hidden), w1.dtype, x.device)
+        dw1, dw3 = _gate_up_views(dw13)
         plans.append(_plan_weight_grad("dw13", x, dg, du, dw1, dw3, routing, a_by_token=True, b_by_pair=False))
     if needs[2]:
         dw2 = _empty(tuple(w2.shape), w2.dtype, x.device)
         plans.append(_plan_weight_grad("dw2", h, dy, dy, dw2, dw2, routing, a_by_token=False, b_by_pair=True))
-    return (dx_pairs, dw1, dw3, dw2), plans
+    return (dx_pairs, dw13, dw2), plans
 
 
 @torch.library.custom_op("moc_kernels::routed_swiglu_fwd", mutates_args=())
 def _routed_swiglu_fwd(
-    x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, order: Tensor, expert_offsets: Tensor, top_k: int
+    x: Tensor, w13: Tensor, w2: Tensor, order: Tensor, expert_offsets: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Y [N, k, D], G [P, F], U [P, F]) with G, U in expert-sorted row order (saved for backward)."""
-    y, g, u, plans = _forward_plans(x, w1, w3, w2, (order, expert_offsets, top_k))
+    y, g, u, plans = _forward_plans(x, *_gate_up_views(w13), w2, (order, expert_offsets, top_k))
     with on_device(x):
         for plan in plans:
             plan.run()
@@ -481,50 +496,49 @@ def _routed_swiglu_fwd(
 
 
 @_routed_swiglu_fwd.register_fake
-def _(x, w1, w3, w2, order, expert_offsets, top_k):
-    pairs, hidden = order.shape[0], w1.shape[2]
-    return x.new_empty((x.shape[0], top_k, w1.shape[1])), x.new_empty((pairs, hidden)), x.new_empty((pairs, hidden))
+def _(x, w13, w2, order, expert_offsets, top_k):
+    pairs, hidden = order.shape[0], w2.shape[1]
+    return x.new_empty((x.shape[0], top_k, w13.shape[1])), x.new_empty((pairs, hidden)), x.new_empty((pairs, hidden))
 
 
 @torch.library.custom_op("moc_kernels::routed_swiglu_bwd", mutates_args=())
 def _routed_swiglu_bwd(
-    dy: Tensor, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, order: Tensor, expert_offsets: Tensor,
+    dy: Tensor, x: Tensor, w13: Tensor, w2: Tensor, order: Tensor, expert_offsets: Tensor,
     g: Tensor, u: Tensor, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx [N, D], dw1 [E, D, F], dw3 [E, D, F], dw2 [E, F, D]) from dY [N, k, D]; a gradient not in
-    ``needs`` (dx, dw1/dw3, dw2) comes back 0-element and is not computed."""
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx [N, D], dw13 [E, D, 2F], dw2 [E, F, D]) from dY [N, k, D]; a gradient not in ``needs``
+    (dx, dw13, dw2) comes back 0-element and is not computed."""
     n_tokens, top_k, dim = dy.shape
     routing = (order, expert_offsets, top_k)
-    (dx_pairs, dw1, dw3, dw2), plans = _backward_plans(dy.reshape(-1, dim), x, w1, w3, w2, routing, g, u, tuple(needs))
+    w1, w3 = _gate_up_views(w13)
+    (dx_pairs, dw13, dw2), plans = _backward_plans(dy.reshape(-1, dim), x, w1, w3, w2, routing, g, u, tuple(needs))
     with on_device(x):
         for plan in plans:
             plan.run()
     dx = dx_pairs.view(n_tokens, top_k, dim).sum(1).to(x.dtype) if needs[0] else dx_pairs
-    return dx, dw1, dw3, dw2
+    return dx, dw13, dw2
 
 
 @_routed_swiglu_bwd.register_fake
-def _(dy, x, w1, w3, w2, order, expert_offsets, g, u, needs):
-    shapes = (x.shape, w1.shape, w3.shape, w2.shape)
-    need = (needs[0], needs[1], needs[1], needs[2])
-    return tuple(x.new_empty(shape if wanted else 0) for shape, wanted in zip(shapes, need))
+def _(dy, x, w13, w2, order, expert_offsets, g, u, needs):
+    return tuple(t.new_empty(t.shape if wanted else 0) for t, wanted in zip((x, w13, w2), needs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w1, w3, w2, order, expert_offsets, _ = inputs
+    x, w13, w2, order, expert_offsets, _ = inputs
     _, g, u = output
     ctx.mark_non_differentiable(g, u)
     ctx.set_materialize_grads(False)  # no zero-filled [P, F] gradients for G and U, which nobody reads
-    ctx.save_for_backward(x, w1, w3, w2, order, expert_offsets, g, u)
+    ctx.save_for_backward(x, w13, w2, order, expert_offsets, g, u)
 
 
 def _backward(ctx, dy, _dg, _du):
     if dy is None:
-        return (None,) * 7
-    x, w1, w3, w2, order, expert_offsets, g, u = ctx.saved_tensors
-    need = ctx.needs_input_grad[:4]  # x, w1, w3, w2
-    grads = _routed_swiglu_bwd(dy, x, w1, w3, w2, order, expert_offsets, g, u, [need[0], need[1] or need[2], need[3]])
-    return (*(grad if wanted else None for grad, wanted in zip(grads, need)), None, None, None)
+        return (None,) * 6
+    x, w13, w2, order, expert_offsets, g, u = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])  # x, w13, w2
+    grads = _routed_swiglu_bwd(dy, x, w13, w2, order, expert_offsets, g, u, needs)
+    return (*(grad if wanted else None for grad, wanted in zip(grads, needs)), None, None, None)
 
 
 _routed_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -533,32 +547,31 @@ _routed_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 # torch.utils.flop_counter sees a custom op only through a formula: 2 * rows * inner * cols per product
 # (tile padding excluded), as the reference's per-expert GEMMs count (both tested against k/E x expert_swiglu).
 @register_flop_formula(torch.ops.moc_kernels.routed_swiglu_fwd)
-def _forward_flops(x_shape, w1_shape, w3_shape, w2_shape, order_shape, offsets_shape, top_k, **kwargs) -> int:
-    _, dim, hidden = w1_shape
+def _forward_flops(x_shape, w13_shape, w2_shape, order_shape, offsets_shape, top_k, **kwargs) -> int:
+    dim, hidden = w13_shape[1], w2_shape[1]
     return 3 * 2 * order_shape[0] * dim * hidden  # gate, up, down
 
 
 @register_flop_formula(torch.ops.moc_kernels.routed_swiglu_bwd)
-def _backward_flops(dy_shape, x_shape, w1_shape, w3_shape, w2_shape, order_shape, *saved_and_needs, **kwargs) -> int:
-    _, dim, hidden = w1_shape
+def _backward_flops(dy_shape, x_shape, w13_shape, w2_shape, order_shape, *saved_and_needs, **kwargs) -> int:
+    dim, hidden = w13_shape[1], w2_shape[1]
     need_dx, need_dw13, need_dw2 = saved_and_needs[-1]
     gemms = 1 + 2 * need_dx + 2 * need_dw13 + need_dw2  # dH, dX (two), dW1 + dW3, dW2
     return gemms * 2 * order_shape[0] * dim * hidden
 
 
-def routed_swiglu(x: Tensor, idx: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+def routed_swiglu(x: Tensor, idx: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor) -> Tensor:
     """``Y[n, j] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` with ``e = idx[n, j]``.
 
-    x: [N, D]; idx: [N, k] int64 in [0, E) (repeats within a row allowed); w1, w3: [E, D, F] (any
-    strides, e.g. views of one packed [E, D, 2F]); w2: [E, F, D]; fp32|bf16|fp16. Weights of another
-    dtype are cast to x's (differentiably, like autocast). Returns Y: [N, k, D] in x's dtype,
-    differentiable in x, w1, w3, w2 (saved for backward: G, U [N * k, F] in x's dtype, the routing)."""
-    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
-    if w1.stride() != w3.stride():
-        # The gate/up kernel addresses both with one set of strides; rare, so copy.
-        w1, w3 = w1.contiguous(), w3.contiguous()
-    order, expert_offsets = _route(idx, w1.shape[0])
-    y, _, _ = _routed_swiglu_fwd(x, w1, w3, w2, order, expert_offsets, idx.shape[1])
+    x: [N, D]; idx: [N, k] int64 in [0, E) (repeats within a row allowed); w1, w3: [E, D, F], or w3
+    None and w1 the packed w13 [E, D, 2F] (w1 = w13[..., :F], w3 = w13[..., F:]: one tensor, one
+    gradient, the layout the model stores); w2: [E, F, D]; fp32|bf16|fp16. Separate w1, w3 are
+    concatenated into a w13 (a copy of the weights). Weights of another dtype are cast to x's
+    (differentiably, like autocast). Returns Y: [N, k, D] in x's dtype, differentiable in x and the
+    weights (saved for backward: G, U [N * k, F] in x's dtype, the routing)."""
+    w13 = w1 if w3 is None else torch.cat([w1, w3], dim=-1)
+    order, expert_offsets = _route(idx, w13.shape[0])
+    y, _, _ = _routed_swiglu_fwd(x, w13.to(x.dtype), w2.to(x.dtype), order, expert_offsets, idx.shape[1])
     return y
 
 
@@ -569,7 +582,7 @@ def routed_swiglu(x: Tensor, idx: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) ->
 
 def _spec(plan: _Launch, dtype: torch.dtype) -> KernelSpec:
     blocks = "-".join(f"B{key[-1]}{plan.args[key]}" for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    label = f"{plan.name}-{blocks}-w{plan.num_warps}-s{plan.num_stages}-{_DTYPE_KEY[dtype]}"
+    label = f"{plan.name}-{blocks}-w{plan.num_warps}-s{plan.num_stages}-{_TL_NAME[dtype]}"
     # Exact fp32 (ieee) products run on the FMA pipes by design: no tensor cores to expect.
     return launch_spec(
         plan.fn, plan.args, plan.constexprs, config=label, num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -584,7 +597,9 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
     n_tokens, dim, num_experts, hidden, top_k = (SHIPPED_SHAPE[key] for key in ("N", "D", "E", "F", "k"))
     pairs, int32 = n_tokens * top_k, {"dtype": torch.int32, "device": "meta"}
-    for dtype in (torch.bfloat16, torch.float32):
+    # fp16: its forward compiles bf16's configs with another 16-bit type; its backward differs (fp32
+    # dG/dU, ``grad_dtype``), so only the backward is listed for it.
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
         meta: dict[str, Any] = {"dtype": dtype, "device": "meta"}
         x = torch.empty(n_tokens, dim, **meta)
         packed = torch.empty(num_experts, dim, 2 * hidden, **meta)
@@ -593,7 +608,7 @@ def compile_specs() -> list[KernelSpec]:
         routing = (torch.empty(pairs, **int32), torch.empty(num_experts + 1, **int32), top_k)
         _, g, u, forward = _forward_plans(x, w1, w3, w2, routing)
         _, backward = _backward_plans(torch.empty(pairs, dim, **meta), x, w1, w3, w2, routing, g, u, (True,) * 3)
-        for plan in [*forward, *backward]:
+        for plan in backward if dtype == torch.float16 else [*forward, *backward]:
             plan.args["UPCAST"] = False  # the report compiles for GPUs, never the interpreter
             specs.append(_spec(plan, dtype))
     return specs
