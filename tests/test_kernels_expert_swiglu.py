@@ -136,6 +136,7 @@ def test_small_tiles_multi_block_k_loops(kernel_module, monkeypatch):
 def test_torch_compile_fullgraph(kernel_module):
     x, w1, w3, w2, leaves = _inputs(torch.float32, shape=SMALL)
     dy = torch.randn(SMALL[0], SMALL[3], SMALL[1])
+
     # The public op: the backend dispatch and the custom op (fake + autograd) trace without breaks.
     def layer(x, w1, w3, w2):
         return mk.expert_swiglu(x, w1, w3, w2).sum(dim=1)

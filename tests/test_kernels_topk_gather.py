@@ -1,6 +1,5 @@
 """Triton topk_gather vs its reference: forward and backward are exact copies (interpreter on CPU)."""
 
-
 import pytest
 import torch
 
@@ -95,6 +94,7 @@ def test_gradient_of_a_non_contiguous_upstream_grad(nan_outputs):
 def test_torch_compile_fullgraph_matches_eager():
     y = torch.randn(9, NUM_EXPERTS, DIM).requires_grad_()
     idx = random_indices(9, NUM_EXPERTS, 2)
+
     # The public op: the backend dispatch and the custom op (fake + autograd) trace without breaks.
     def loss_fn(y, idx):
         return (mk.topk_gather(y, idx) ** 2).sum()

@@ -197,7 +197,7 @@ def topk_gather_bwd(d_out: torch.Tensor, idx: torch.Tensor, num_experts: int) ->
             *dy.stride(),
             BLOCK_R=config["BLOCK_R"],
             BLOCK_D=block_d,
-                num_warps=config["num_warps"],
+            num_warps=config["num_warps"],
             num_stages=config["num_stages"],
         )
     return dy
