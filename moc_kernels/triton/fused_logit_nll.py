@@ -322,6 +322,8 @@ def _fused_log_probs_kernel(
         row_ptr = _model_row(i, row, p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7)
         x = tl.load(row_ptr + offs, mask=in_vocab, other=0.0).to(tl.float32)
         x_shift = x - tl.load(max_ptr + (i * num_rows.to(tl.int64) + row))
+        # i * num_rows in 32 bits (M * N < 2^31 rows: 268M rows at M = 8); 64-bit here spilled 8 B on
+        # sm_80 for M = 8 mixtures in fp32 (row is already int64, so the sum is).
         coef = tl.load(coef_ptr + i * num_rows + row)
         offset = tl.load(offset_ptr + i * num_rows + row)
         term = coef * x_shift + offset  # at a model's maximum: coef * 0 + offset, exactly offset
