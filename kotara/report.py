@@ -21,7 +21,6 @@ import os
 import tempfile
 from typing import Any
 
-import moc_kernels
 from kotara.evaluate import EvalResult, FusionSpec
 from kotara.generate import Generation
 
@@ -150,35 +149,6 @@ def format_generation(generation: Generation, index: int, total: int, model_name
         f"prompt:     {generation.prompt}\n"
         f"completion: {generation.completion}\n"
     )
-
-
-def emit_generations(generations: list[Any], model_names: list[str], save_outputs: str | None, format_one) -> None:
-    """Print every generation with ``format_one(generation, index, total, model_names)`` and, with
-    ``save_outputs``, write their ``to_json()`` records as JSONL (atomically); both generate paths."""
-    for index, generation in enumerate(generations):
-        print(format_one(generation, index, len(generations), model_names))
-    if save_outputs:
-        write_jsonl_atomic(save_outputs, [g.to_json() for g in generations])
-        print(f"outputs saved to {save_outputs}")
-
-
-def run_settings(args: Any, dtypes: list[Any], device_names: list[str], devices: list[Any]) -> dict[str, Any]:
-    """The settings both scoring paths (per token and per word) record in ``config``, from the
-    command line and the resolved devices and dtypes."""
-    return {
-        "dataset_path": args.dataset_path,
-        "max_length": args.max_length,
-        "stride": args.stride,
-        "batch_size": args.batch_size,
-        "chunk_bytes": args.chunk_bytes,
-        "dtype": args.dtype,
-        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-        "device": device_names[0],
-        "devices": [str(d) for d in devices],
-        "kernels": moc_kernels.get_backend(),
-        "kernels_ran": moc_kernels.backend.resolve(devices[0]),
-        "trust_remote_code": args.trust_remote_code,
-    }
 
 
 def _ppl(x: float) -> str:

@@ -307,8 +307,6 @@ def _resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) 
 
 
 def _config(args: Any, paths, items: Sequence[WordInput], device_names, devices, dtypes, world: int) -> dict:
-    from kotara.report import run_settings
-
     return {
         "models": list(paths),
         "model_a": paths[0],
@@ -316,7 +314,18 @@ def _config(args: Any, paths, items: Sequence[WordInput], device_names, devices,
         "tokenizer": None,
         "vocab_size": [item.vocab_size for item in items],
         "logit_columns": [item.model.logit_columns for item in items],
-        **run_settings(args, dtypes, device_names, devices),
+        "dataset_path": args.dataset_path,
+        "max_length": args.max_length,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "chunk_bytes": args.chunk_bytes,
+        "dtype": args.dtype,
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "device": device_names[0],
+        "devices": [str(d) for d in devices],
+        "kernels": moc_kernels.get_backend(),
+        "kernels_ran": moc_kernels.backend.resolve(devices[0]),
+        "trust_remote_code": args.trust_remote_code,
         "world_size": world,
         "protocol": "each model's own rolling windows (DESIGN §5), fused per closed word (DESIGN §5c)",
     }
