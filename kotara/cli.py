@@ -515,7 +515,7 @@ def _check_decoding_args(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     """``kotara generate``: complete every prompt with the fused model."""
     from kotara.generate import generate
-    from kotara.report import format_generation, write_jsonl_atomic
+    from kotara.report import format_generation, show_generations
 
     _check_decoding_args(args)
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
@@ -545,12 +545,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p, seed=args.seed, stop=args.stop, batch_size=args.batch_size,
         prefix_token=args.prefix_token, progress=not args.no_progress,
     )  # fmt: skip
-    names = [m.name for m in models]
-    for index, generation in enumerate(generations):
-        print(format_generation(generation, index, len(generations), names))
-    if args.save_outputs:
-        write_jsonl_atomic(args.save_outputs, [g.to_json() for g in generations])
-        print(f"outputs saved to {args.save_outputs}")
+    show_generations(generations, format_generation, [m.name for m in models], args.save_outputs)
     return 0
 
 

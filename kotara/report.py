@@ -1,5 +1,6 @@
 """The console table and the ``--save_metrics`` JSON of scoring, with the run's ``config`` that the
-word path's JSON shares; the console lines and the ``--save_outputs`` JSONL of generation.
+word path's JSON shares; the console lines and the ``--save_outputs`` JSONL of generation, per
+token and per word.
 
 The JSON keeps the original tool's keys (``baseline_ppl_a``, ``baseline_ppl_b``, ``fused_ppl``,
 ``strategy``, ``temps``, ``poe_betas``, ``weights``, ``config``) with their original shapes for a
@@ -20,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -203,6 +204,18 @@ def format_generation(generation: Generation, index: int, total: int, model_name
         f"prompt:     {generation.prompt}\n"
         f"completion: {generation.completion}\n"
     )
+
+
+def show_generations(
+    generations: Sequence[Any], format_one: Callable[..., str], names: list[str], save_outputs: str | None
+) -> None:
+    """Print every completion (``format_one(generation, index, total, names)``) and, with
+    ``save_outputs``, write each one's ``to_json()`` as a line of that JSONL file (atomically)."""
+    for index, generation in enumerate(generations):
+        print(format_one(generation, index, len(generations), names))
+    if save_outputs:
+        write_jsonl_atomic(save_outputs, [g.to_json() for g in generations])
+        print(f"outputs saved to {save_outputs}")
 
 
 def _ppl(x: float) -> str:
