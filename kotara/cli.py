@@ -413,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     """``kotara score``: every model alone and fused, over the whole dataset."""
     from kotara import loading
     from kotara.evaluate import evaluate
-    from kotara.report import build_metrics, format_table, write_json_atomic
+    from kotara.report import build_metrics, format_table, run_config, write_json_atomic
     from kotara.windows import check_window_args, rolling_windows
 
     # Everything that can be checked cheaply is checked before any model is loaded.
@@ -451,29 +451,11 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(format_table(result, spec, paths))
             if args.save_metrics:
-                config = {
-                    "models": paths,
-                    "model_a": paths[0],
-                    "model_b": paths[1],
-                    "tokenizer": tokenizer_path,
-                    "vocab_size": vocab_size,
-                    "logit_columns": [m.logit_columns for m in models],
-                    "dataset_path": args.dataset_path,
-                    "max_length": args.max_length,
-                    "stride": args.stride,
-                    "batch_size": args.batch_size,
-                    "chunk_bytes": args.chunk_bytes,
-                    "windows": len(windows),
-                    "dtype": args.dtype,
-                    "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-                    "device": device_names[0],
-                    "devices": [str(d) for d in devices],
-                    "kernels": moc_kernels.get_backend(),
-                    "kernels_ran": moc_kernels.backend.resolve(devices[0]),
-                    "trust_remote_code": args.trust_remote_code,
-                    "world_size": result.world_size,
-                    "protocol": "rolling windows, each target scored once (DESIGN §5)",
-                }
+                config = run_config(
+                    args, paths, models, device_names, devices, dtypes, tokenizer=tokenizer_path,
+                    vocab_size=vocab_size, windows=len(windows), world_size=result.world_size,
+                    protocol="rolling windows, each target scored once (DESIGN §5)",
+                )  # fmt: skip
                 metrics = build_metrics(result, spec, args.strategy, paths, config, text.prefix, text.prefix_id)
                 write_json_atomic(args.save_metrics, metrics)
                 print(f"metrics saved to {args.save_metrics}")
@@ -533,7 +515,7 @@ def _check_decoding_args(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     """``kotara generate``: complete every prompt with the fused model."""
     from kotara.generate import generate
-    from kotara.report import format_generation, write_jsonl_atomic
+    from kotara.report import format_generation, show_generations
 
     _check_decoding_args(args)
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
@@ -563,12 +545,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p, seed=args.seed, stop=args.stop, batch_size=args.batch_size,
         prefix_token=args.prefix_token, progress=not args.no_progress,
     )  # fmt: skip
-    names = [m.name for m in models]
-    for index, generation in enumerate(generations):
-        print(format_generation(generation, index, len(generations), names))
-    if args.save_outputs:
-        write_jsonl_atomic(args.save_outputs, [g.to_json() for g in generations])
-        print(f"outputs saved to {args.save_outputs}")
+    show_generations(generations, format_generation, [m.name for m in models], args.save_outputs)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The console table and the ``--save_metrics`` JSON of scoring; the console lines and the
-``--save_outputs`` JSONL of generation.
+"""The console table and the ``--save_metrics`` JSON of scoring, with the run's ``config`` that the
+word path's JSON shares; the console lines and the ``--save_outputs`` JSONL of generation, per
+token and per word.
 
 The JSON keeps the original tool's keys (``baseline_ppl_a``, ``baseline_ppl_b``, ``fused_ppl``,
 ``strategy``, ``temps``, ``poe_betas``, ``weights``, ``config``) with their original shapes for a
@@ -15,14 +16,20 @@ where it differs, so that a fused gain which the temperature alone would give is
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+import moc_kernels
 from kotara.evaluate import EvalResult, FusionSpec
 from kotara.generate import Generation
+from kotara.loading import LoadedModel
 
 
 def _finite(x: float) -> float | None:
@@ -115,6 +122,54 @@ def build_metrics(
     return metrics
 
 
+def run_config(
+    args: argparse.Namespace,
+    paths: Sequence[str],
+    models: Sequence[LoadedModel],
+    device_names: list[str],
+    devices: list[torch.device],
+    dtypes: list[torch.dtype],
+    *,
+    tokenizer: str | None,
+    vocab_size: int | list[int],
+    windows: int | None,
+    world_size: int,
+    protocol: str,
+) -> dict[str, Any]:
+    """The ``config`` of the ``--save_metrics`` JSON: the run's models, data, windows, dtypes, devices, kernels.
+
+    The keyword arguments are where the two paths differ: the token path gives its shared
+    ``tokenizer``'s path, one ``vocab_size`` and its count of ``windows``; the word path gives None,
+    one vocabulary size per model and None (no ``windows`` key: each model has windows of its own).
+    """
+    config = {
+        "models": list(paths),
+        "model_a": paths[0],
+        "model_b": paths[1] if len(paths) > 1 else None,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "logit_columns": [m.logit_columns for m in models],
+        "dataset_path": args.dataset_path,
+        "max_length": args.max_length,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "chunk_bytes": args.chunk_bytes,
+    }
+    if windows is not None:
+        config["windows"] = windows
+    return config | {
+        "dtype": args.dtype,
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "device": device_names[0],
+        "devices": [str(d) for d in devices],
+        "kernels": moc_kernels.get_backend(),
+        "kernels_ran": moc_kernels.backend.resolve(devices[0]),
+        "trust_remote_code": args.trust_remote_code,
+        "world_size": world_size,
+        "protocol": protocol,
+    }
+
+
 def _write_atomic(path: str, text: str, suffix: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -149,6 +204,18 @@ def format_generation(generation: Generation, index: int, total: int, model_name
         f"prompt:     {generation.prompt}\n"
         f"completion: {generation.completion}\n"
     )
+
+
+def show_generations(
+    generations: Sequence[Any], format_one: Callable[..., str], names: list[str], save_outputs: str | None
+) -> None:
+    """Print every completion (``format_one(generation, index, total, names)``) and, with
+    ``save_outputs``, write each one's ``to_json()`` as a line of that JSONL file (atomically)."""
+    for index, generation in enumerate(generations):
+        print(format_one(generation, index, len(generations), names))
+    if save_outputs:
+        write_jsonl_atomic(save_outputs, [g.to_json() for g in generations])
+        print(f"outputs saved to {save_outputs}")
 
 
 def _ppl(x: float) -> str:

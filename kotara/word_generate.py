@@ -268,7 +268,7 @@ def format_word_generation(generation: WordGeneration, index: int, total: int, n
 def run_word_generate(args: Any, prompts: Sequence[str], tokenizers: list[Any | None]) -> int:
     """``kotara generate`` fused per word: checks, load, generate every prompt, print and save."""
     from kotara import cli, loading
-    from kotara.report import write_jsonl_atomic
+    from kotara.report import show_generations
     from kotara.word_score import _resolve_tokenizers, word_strategies
 
     strategy = args.strategy or "mixture"
@@ -298,10 +298,5 @@ def run_word_generate(args: Any, prompts: Sequence[str], tokenizers: list[Any | 
                        generator, args.stop)
         for prompt in prompts
     ]  # fmt: skip
-    names = [lm.name for lm in lms]
-    for index, generation in enumerate(generations):
-        print(format_word_generation(generation, index, len(generations), names))
-    if args.save_outputs:
-        write_jsonl_atomic(args.save_outputs, [g.to_json() for g in generations])
-        print(f"outputs saved to {args.save_outputs}")
+    show_generations(generations, format_word_generation, [lm.name for lm in lms], args.save_outputs)
     return 0

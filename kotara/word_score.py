@@ -306,31 +306,6 @@ def _resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) 
     return out
 
 
-def _config(args: Any, paths, items: Sequence[WordInput], device_names, devices, dtypes, world: int) -> dict:
-    return {
-        "models": list(paths),
-        "model_a": paths[0],
-        "model_b": paths[1] if len(paths) > 1 else None,
-        "tokenizer": None,
-        "vocab_size": [item.vocab_size for item in items],
-        "logit_columns": [item.model.logit_columns for item in items],
-        "dataset_path": args.dataset_path,
-        "max_length": args.max_length,
-        "stride": args.stride,
-        "batch_size": args.batch_size,
-        "chunk_bytes": args.chunk_bytes,
-        "dtype": args.dtype,
-        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-        "device": device_names[0],
-        "devices": [str(d) for d in devices],
-        "kernels": moc_kernels.get_backend(),
-        "kernels_ran": moc_kernels.backend.resolve(devices[0]),
-        "trust_remote_code": args.trust_remote_code,
-        "world_size": world,
-        "protocol": "each model's own rolling windows (DESIGN §5), fused per closed word (DESIGN §5c)",
-    }
-
-
 def build_word_metrics(result: WordResult, args: Any, spec: Any, paths, items, config: dict) -> dict[str, Any]:
     """The ``--save_metrics`` JSON of the word path: the token path's shape where it applies
     (``bits_per_byte[label]``, ``bits_per_byte[strategy]``, ``models[i]`` with its own ``tokens``),
@@ -386,7 +361,7 @@ def build_word_metrics(result: WordResult, args: Any, spec: Any, paths, items, c
 def run_word_score(args: Any, tokenizers: list[Any | None]) -> int:
     """``kotara score`` fused per word: every check, then load, score, print and save."""
     from kotara import cli, loading
-    from kotara.report import write_json_atomic
+    from kotara.report import run_config, write_json_atomic
 
     strategies = word_strategies(args.strategy)
     if not 0.0 <= args.switch_rate <= 1.0:
@@ -412,7 +387,11 @@ def run_word_score(args: Any, tokenizers: list[Any | None]) -> int:
         if rank == 0:
             print(format_word_table(result, spec.temperatures, paths))
             if args.save_metrics:
-                config = _config(args, paths, items, device_names, devices, dtypes, result.world_size)
+                config = run_config(
+                    args, paths, [item.model for item in items], device_names, devices, dtypes, tokenizer=None,
+                    vocab_size=[item.vocab_size for item in items], windows=None, world_size=result.world_size,
+                    protocol="each model's own rolling windows (DESIGN §5), fused per closed word (DESIGN §5c)",
+                )  # fmt: skip
                 write_json_atomic(args.save_metrics, build_word_metrics(result, args, spec, paths, items, config))
                 print(f"metrics saved to {args.save_metrics}")
     return 0

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kotara_support import build_gpt2, build_tokenizer, one_torch_thread, write_corpus  # noqa: F401
+from test_kotara_support import (  # noqa: F401
+    RUN_CONFIG_KEYS,
+    build_gpt2,
+    build_tokenizer,
+    one_torch_thread,
+    write_corpus,
+)
 
 import moc_kernels as mk
 from kotara.cli import main
@@ -64,6 +70,8 @@ def test_original_command_line_works_unchanged(workspace, tmp_path):
     assert set(metrics["weights"]) == {"w_a_mean", "w_b_mean"}
     assert metrics["weights"]["w_a_mean"] + metrics["weights"]["w_b_mean"] == pytest.approx(1.0)
     assert metrics["config"]["max_length"] == 16 and metrics["config"]["dtypes"] == ["bfloat16", "bfloat16"]
+    assert tuple(metrics["config"]) == RUN_CONFIG_KEYS
+    assert metrics["config"]["tokenizer"] == str(workspace["a"]) and metrics["config"]["windows"] > 0
     model_a = metrics["models"][0]
     assert metrics["baseline_ppl_a"] == model_a["ppl"] and model_a["temperature"] == 0.85
     assert model_a["ppl_at_temperature"] == pytest.approx(math.exp(model_a["nll_at_temperature"] / metrics["tokens"]))

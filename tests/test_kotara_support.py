@@ -1,4 +1,5 @@
-"""Builders shared by the Kotara tests: a word-level tokenizer and tiny GPT-2 models, saved locally.
+"""Builders shared by the Kotara tests: a word-level tokenizer and tiny GPT-2 models, saved locally;
+and the keys every ``--save_metrics`` JSON's ``config`` holds.
 
 Thin wrappers over ``kotara.demo`` (one place for the builders). Imported by the other
 ``test_kotara_*`` modules (pytest puts ``tests/`` on ``sys.path``); its one test checks that what it
@@ -20,6 +21,13 @@ _WORD_LINE = (
     "expert window stride entropy gap average mixture product length loss value"
 )
 WORDS = _WORD_LINE.split()
+# ``config`` of the --save_metrics JSON, key by key in order (kotara.report.run_config); the word path's
+# has every one but "windows" (each model has windows of its own).
+RUN_CONFIG_KEYS = (
+    "models", "model_a", "model_b", "tokenizer", "vocab_size", "logit_columns", "dataset_path", "max_length",
+    "stride", "batch_size", "chunk_bytes", "windows", "dtype", "dtypes", "device", "devices", "kernels",
+    "kernels_ran", "trust_remote_code", "world_size", "protocol",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kotara_support import build_gpt2, build_tokenizer, one_torch_thread, write_corpus  # noqa: F401
+from test_kotara_support import (  # noqa: F401
+    RUN_CONFIG_KEYS,
+    build_gpt2,
+    build_tokenizer,
+    one_torch_thread,
+    write_corpus,
+)
 
 from kotara import demo
 from kotara.cli import main
@@ -66,6 +72,8 @@ def test_different_tokenizers_fuse_per_word(workspace, tmp_path, capsys):
     text = workspace["text"].read_text(encoding="utf-8")
     assert metrics["segments"] == len(text.split(" ")) and metrics["bytes"] == len(text.encode())
     assert "fused_ppl" not in metrics
+    assert tuple(metrics["config"]) == tuple(k for k in RUN_CONFIG_KEYS if k != "windows")
+    assert metrics["config"]["tokenizer"] is None and len(metrics["config"]["vocab_size"]) == 2
     tokens = [m["tokens"] for m in metrics["models"]]
     assert tokens[0] > tokens[1] > 0  # each model's own tokens: the larger BPE needs fewer
     bits = metrics["bits_per_byte"]
