@@ -19,12 +19,14 @@ import argparse
 import bisect
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import struct
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from moc_kernels import backend
@@ -137,10 +139,17 @@ def kernel_specs(ops=OPS) -> list:
     return [(op, spec) for op in ops for spec in backend.kernel_module(op).compile_specs()]
 
 
+def _arch_rows(ops: list[str], cc: int) -> list[dict]:
+    return compile_rows([spec for _, spec in kernel_specs(ops)], cc)
+
+
 def collect(ops=OPS, archs=ARCHS) -> list[dict]:
-    """One row per (op, spec, arch), in that order."""
+    """One row per (op, spec, arch), in that order. Each arch compiles in a process of its own, side
+    by side (the compiler and nvdisasm use one core each); spawned, as this process has imported torch,
+    whose threads a fork would not copy. The processes inherit ``TRITON_INTERPRET=0``."""
     specs = kernel_specs(ops)
-    by_arch = {cc: compile_rows([spec for _, spec in specs], cc) for cc in archs}
+    with ProcessPoolExecutor(len(archs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        by_arch = dict(zip(archs, pool.map(_arch_rows, [list(ops)] * len(archs), archs)))
     return [{"op": op, **by_arch[cc][i]} for i, (op, _) in enumerate(specs) for cc in archs]
 
 
