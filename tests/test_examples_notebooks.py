@@ -3,8 +3,9 @@
 The fast test reads the committed files: small enough, every code cell executed in one run without an
 error, the figures and the notebook's own checks present. The slow tests execute each notebook again with
 nbclient in a kernel of this interpreter (``examples/execute.py``, which the committed outputs came from;
-all the notebooks at once, each in its own kernel process) and fail on any cell error (each notebook ``assert``s its own checks: Kotara's per-token NLLs recomputed
-from the fusion op, the Triton kernels against the references, the Hugging Face round trip).
+all the notebooks at once, each in its own kernel process) and fail on any cell error (each notebook
+``assert``s its own checks: Kotara's per-token NLLs recomputed from the fusion op, the Triton kernels
+against the references, the Hugging Face round trip).
 """
 
 from __future__ import annotations
