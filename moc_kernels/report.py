@@ -2,11 +2,11 @@
 
     python -m moc_kernels.report [--json | --summary] [--ops expert_swiglu,...] [--arch 80,90]
 
-No GPU is needed: ``triton.compile`` targets a ``GPUTarget`` directly, and the ``cuobjdump``
-bundled in Triton's package reads the resulting cubin. For each kernel x config x arch it reports
-registers per thread, spilled bytes (stack + local), shared memory (bytes of dynamic shared memory
-the launch requests), and whether the matrix products lowered to tensor-core instructions
-(``wgmma``: HGMMA in the SASS on sm_90a; ``mma``: HMMA on sm_80).
+No GPU is needed: ``triton.compile`` targets a ``GPUTarget`` directly, and the ``cuobjdump`` and
+``nvdisasm`` bundled in Triton's package read the resulting cubin. For each kernel x config x arch
+it reports registers per thread, spilled bytes (stack + local), shared memory (bytes of dynamic
+shared memory the launch requests), and whether the matrix products lowered to tensor-core
+instructions (``wgmma``: HGMMA in the SASS on sm_90a; ``mma``: HMMA on sm_80).
 
 The kernels must be compiled, not interpreted: on a machine without CUDA, where importing
 ``moc_kernels`` switches Triton to its interpreter, the command re-runs itself with
@@ -16,12 +16,17 @@ The kernels must be compiled, not interpreted: on a machine without CUDA, where 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
+import multiprocessing
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from moc_kernels import backend
@@ -37,35 +42,78 @@ CLAIMED_SHARED_LIMIT_BYTES = 99 * 1024
 COLUMNS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "tensor_cores")
 
 
-def _cuobjdump() -> Path:
+def _tool(name: str) -> Path:
+    """``cuobjdump`` or ``nvdisasm`` from Triton's package."""
     import triton
 
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def _cubin_facts(cubin: bytes) -> tuple[int, int, str]:
-    """(registers, spilled bytes, SASS text) of a single-kernel cubin."""
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled bytes) of a single-kernel cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+            [_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
         ).stdout
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), sass
+    return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"])
 
 
-def compile_row(spec, cc: int) -> dict:
-    """Compile one KernelSpec for compute capability ``cc`` and read its resource use."""
+def _machine_code(cubin: bytes) -> bytes:
+    """The instructions of a cubin: its ``.text.*`` sections (one per kernel function), read from the
+    ELF64 section headers and concatenated."""
+    (table,) = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, table + i * entry_size) for i in range(count)]
+    names_at = headers[names][4]
+    code = b""
+    for name_at, _, _, _, offset, size in headers:
+        name = cubin[names_at + name_at : cubin.index(b"\0", names_at + name_at)]
+        if name.startswith(b".text."):
+            code += cubin[offset : offset + size]
+    return code
+
+
+def _disassemble(codes: list[bytes], arch: str) -> list[str]:
+    """The SASS of each machine-code blob in ``codes`` (all for ``arch``, e.g. ``sm_90a``), from one
+    ``nvdisasm`` run over their concatenation: a run spends ~0.4 s of set-up whatever its input, which
+    one run per cubin paid 200 times. Instructions are 16 bytes from sm_70 on, so each blob's
+    addresses are a known range of the run's, and every instruction line is given back to its blob."""
+    assert all(len(code) % 16 == 0 for code in codes), "sm_70+ instructions are 16 bytes"
+    ends = list(itertools.accumulate(len(code) for code in codes))
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(codes))
+        f.flush()
+        cmd = [_tool("nvdisasm"), "--binary", arch.replace("sm_", "SM"), f.name]
+        sass = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    lines: list[list[str]] = [[] for _ in codes]
+    for address, line in re.findall(r"(?m)^\s*/\*([0-9a-f]+)\*/(.*)$", sass):
+        lines[bisect.bisect_right(ends, int(address, 16))].append(line)
+    return ["\n".join(kernel_lines) for kernel_lines in lines]
+
+
+def compile_rows(specs: list, cc: int) -> list[dict]:
+    """Compile each KernelSpec for compute capability ``cc`` and read its resource use (``cuobjdump``)
+    and whether its matrix products use tensor cores (``nvdisasm``, one run for all of ``specs``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
-    registers, spill_bytes, sass = _cubin_facts(kernel.asm["cubin"])
+    kernels = []
+    for spec in specs:
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        kernels.append(triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options))
+    # The arch the code is for, as the PTX names it: cc 90 compiles for sm_90a (wgmma needs it).
+    (arch,) = {re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1) for k in kernels}
+    sass = _disassemble([_machine_code(k.asm["cubin"]) for k in kernels], arch)
+    return [_row(spec, cc, kernel, kernel_sass) for spec, kernel, kernel_sass in zip(specs, kernels, sass)]
+
+
+def _row(spec, cc: int, kernel, sass: str) -> dict:
+    registers, spill_bytes = _resource_usage(kernel.asm["cubin"])
     if re.search(r"\bHGMMA\b", sass):
         tensor_cores = "wgmma"
     elif re.search(r"\bHMMA\b", sass):
@@ -91,8 +139,18 @@ def kernel_specs(ops=OPS) -> list:
     return [(op, spec) for op in ops for spec in backend.kernel_module(op).compile_specs()]
 
 
+def _arch_rows(ops: list[str], cc: int) -> list[dict]:
+    return compile_rows([spec for _, spec in kernel_specs(ops)], cc)
+
+
 def collect(ops=OPS, archs=ARCHS) -> list[dict]:
-    return [{"op": op, **compile_row(spec, cc)} for op, spec in kernel_specs(ops) for cc in archs]
+    """One row per (op, spec, arch), in that order. Each arch compiles in a process of its own, side
+    by side (the compiler and nvdisasm use one core each); spawned, as this process has imported torch,
+    whose threads a fork would not copy. The processes inherit ``TRITON_INTERPRET=0``."""
+    specs = kernel_specs(ops)
+    with ProcessPoolExecutor(len(archs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        by_arch = dict(zip(archs, pool.map(_arch_rows, [list(ops)] * len(archs), archs)))
+    return [{"op": op, **by_arch[cc][i]} for i, (op, _) in enumerate(specs) for cc in archs]
 
 
 def problems(rows: list[dict]) -> list[str]:

@@ -2,9 +2,10 @@
 
 The fast test reads the committed files: small enough, every code cell executed in one run without an
 error, the figures and the notebook's own checks present. The slow tests execute each notebook again with
-nbclient in a kernel of this interpreter (``examples/execute.py``, which the committed outputs came from)
-and fail on any cell error (each notebook ``assert``s its own checks: Kotara's per-token NLLs recomputed
-from the fusion op, the Triton kernels against the references, the Hugging Face round trip).
+nbclient in a kernel of this interpreter (``examples/execute.py``, which the committed outputs came from;
+all the notebooks at once, each in its own kernel process) and fail on any cell error (each notebook
+``assert``s its own checks: Kotara's per-token NLLs recomputed from the fusion op, the Triton kernels
+against the references, the Hugging Face round trip).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,15 +95,39 @@ def _execute_module():
     return module
 
 
+def _timed_execute(name: str, cwd: Path):
+    start = time.perf_counter()
+    nb = _execute_module().execute(EXAMPLES / name, cwd=cwd)  # raises CellExecutionError on the first failing cell
+    return nb, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def executions(request, tmp_path_factory):
+    """Every notebook this session executes, started at once: each runs in its own kernel (a process,
+    one torch thread), so on CI's 2 cores they run side by side, in the longest one's time instead of
+    the sum. Yields (examples/ before any started, {name: (future (notebook, seconds), its cwd)})."""
+    names = [item.callspec.params["name"] for item in request.session.items if item.originalname == EXECUTES]
+    before = sorted(p.name for p in EXAMPLES.iterdir())
+    with ThreadPoolExecutor(max(len(names), 1)) as pool:
+        runs = {}
+        for name in names:
+            cwd = tmp_path_factory.mktemp(name.removesuffix(".ipynb"))
+            runs[name] = (pool.submit(_timed_execute, name, cwd), cwd)
+        yield before, runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_notebook_executes(name, tmp_path):
-    execute = _execute_module().execute
-    before = sorted(p.name for p in EXAMPLES.iterdir())
-    start = time.perf_counter()
-    nb = execute(EXAMPLES / name, cwd=tmp_path)  # raises CellExecutionError on the first failing cell
-    seconds = time.perf_counter() - start
-    print(f"{name}: executed in {seconds:.1f} s (target: {MAX_SECONDS} s on CI's 2 cores)")
+def test_notebook_executes(name, executions):
+    before, runs = executions
+    future, cwd = runs[name]
+    nb, seconds = future.result()
+    print(f"{name}: executed in {seconds:.1f} s (target: {MAX_SECONDS} s on CI's 2 cores, beside the others)")
     _check_outputs(name, nb)
-    assert sorted(p.name for p in EXAMPLES.iterdir()) == before, "the notebook wrote into examples/"
-    assert not any(tmp_path.iterdir()), "the notebook wrote into its working directory"
+    assert not any(cwd.iterdir()), "the notebook wrote into its working directory"
+    for other, _ in runs.values():  # any of them may write into examples/ while they run: wait for all
+        other.exception()
+    assert sorted(p.name for p in EXAMPLES.iterdir()) == before, "a notebook wrote into examples/"
+
+
+EXECUTES = test_notebook_executes.__name__

@@ -28,7 +28,7 @@ def test_report_reads_registers_and_tensor_cores_of_a_known_gemm(tmp_path):
     code = textwrap.dedent(
         """
         import json, triton, triton.language as tl
-        from moc_kernels.report import compile_row
+        from moc_kernels.report import compile_rows
         from moc_kernels.triton.compile_spec import KernelSpec
 
         @triton.jit
@@ -46,18 +46,22 @@ def test_report_reads_registers_and_tensor_cores_of_a_known_gemm(tmp_path):
                           "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
                           {"BM": 64, "BN": 64, "BK": 32}, num_warps=4, matmul=True)
         plain = KernelSpec("copy", "1024", copy, {"x": "*fp32", "y": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
-        print(json.dumps([compile_row(s, cc) for s in (gemm, plain) for cc in (80, 90)]))
+        # One nvdisasm run per arch, as in the report: the GEMM between two copies, so SASS given to a
+        # neighbour (either side) shows up as a copy with tensor cores.
+        print(json.dumps([row for cc in (80, 90) for row in compile_rows([plain, gemm, plain], cc)]))
         """
     )
     script = tmp_path / "known_kernels.py"  # @triton.jit needs its source in a file
     script.write_text(code)
     proc = run_python([str(script)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {(r["kernel"], r["arch"]): r for r in json.loads(proc.stdout)}
-    assert rows["tile_gemm", "sm_80"]["tensor_cores"] == "mma"
-    assert rows["tile_gemm", "sm_90"]["tensor_cores"] == "wgmma"
-    assert rows["copy", "sm_90"]["tensor_cores"] is None
-    for row in rows.values():
+    rows = json.loads(proc.stdout)
+    assert [(r["kernel"], r["arch"]) for r in rows] == [
+        (kernel, arch) for arch in ("sm_80", "sm_90") for kernel in ("copy", "tile_gemm", "copy")
+    ]
+    expected = {("tile_gemm", "sm_80"): "mma", ("tile_gemm", "sm_90"): "wgmma"}
+    for row in rows:
+        assert row["tensor_cores"] == expected.get((row["kernel"], row["arch"])), row
         assert 0 < row["registers"] <= 255 and row["spill_bytes"] == 0
 
 
