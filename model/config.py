@@ -59,7 +59,8 @@ class ModelConfig:
     ffn_hidden_rule: str = "design"  # expert/dense FFN width F: "design" (DESIGN §2) | "original" (see ffn_hidden)
     # The baselines MoC is judged against (DESIGN §2b). The defaults are MoC as it always was.
     ffn: str = "moc"  # expert layer when n_experts > 0: "moc" | "moe" (standard top-k MoE, sparse compute)
-    router_context: bool = True  # MoC only: false routes on the token itself (s = x), not the E-output attention
+    # MoC only: false routes on the token itself (s = x), not the E-output attention; preview: DESIGN §2c
+    router_context: bool | str = True
     # MoC only: false skips the collab attention/FFN: out = (sum_j w_j RMSNorm(S)_j) Wo (see ablation_keeps_norm)
     collaboration: bool = True
     # collaboration: false only: keep step 5's RMSNorm before Wo (DESIGN §2b). false is the ablation as it
