@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         "results.json already in results_dir (a run is kept under the arm whose model keys it was trained "
         "with), then the report is rewritten",
     )
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --arms: train nothing; report the runs of those arms that have finished in out_dir and "
+        "name the missing ones (a report of an experiment still running)",
+    )
     p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
     return p
 
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = Path(args.results_dir or cfg["results_dir"] or out)
         check_runs(cfg)  # every run's model and training keys, before any work
         only, previous = _selected_arms(args.arms, cfg, results_dir)
+        if args.finished_only and only is None:
+            raise ExperimentError("--finished-only needs --arms (the arms whose finished runs to report)")
         log(f"config {config_path}; out_dir {out}; results_dir {results_dir}")
         env = environment()
         domain_names = {m for mods in cfg["fusion"]["domains"].values() for m in mods}
@@ -114,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         claim1_modules = modules
         fusion_modules = [m for m in modules if m[1] in domain_names]
         t1 = time.time()
-        moc = claim_moc(cfg, out, claim1_modules, args.reuse, only, None if previous is None else previous["claim1"])
+        moc = claim_moc(
+            cfg,
+            out,
+            claim1_modules,
+            args.reuse,
+            only,
+            None if previous is None else previous["claim1"],
+            args.finished_only,
+        )
         t2 = time.time()
         if previous is not None:
             fusion = previous["claim2"]
