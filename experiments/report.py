@@ -461,8 +461,9 @@ def _sparse_sentences(arms: dict[str, Any]) -> list[str]:
         for r in mine:
             d = r["paired"]
             agree = {"better": "every seed lower", "worse": "every seed higher", "mixed": "seeds disagree"}[d["agree"]]
+            verb = {"beat": "beat", "lower mean": "had a lower mean than", "did not beat": "did not beat"}
             parts.append(
-                f"{r['compare']['verdict']} `{r['other']}` ({d['mean_diff']:+.2f} PPL, {agree}; "
+                f"{verb[r['compare']['verdict']]} `{r['other']}` ({d['mean_diff']:+.2f} PPL, {agree}; "
                 f"{r['flops_ratio']:.2f}× its training FLOPs)"
             )
         out.append(
