@@ -366,7 +366,7 @@ def sparse_layer_row(
 
 def all_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
     ops, routed = op_rows(shape), routed_rows(shape)
-    return [*ops, *routed, layer_row(shape, ops), sparse_layer_row(shape, ops, routed)]
+    return [*ops, *routed, sparse_layer_row(shape, ops, routed), layer_row(shape, ops)]
 
 
 def format_table(rows: list[Cost], shape: BenchShape = GPT2_SMALL) -> str:
