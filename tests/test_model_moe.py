@@ -358,9 +358,8 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
     record = next(r for r in full.history if "loss/main" in r)
     assert len(record["layer0/expert_load"]) == 4 and ("layer0/collab_entropy" in record) == (variant in COLLABORATING)
     if variant in COLLABORATING:  # per-layer router and collab entropies, logged as for MoC
-        assert 0 < record["layer0/router_entropy"] <= math.log(4) and 0 <= record["layer0/collab_entropy"] <= math.log(
-            2
-        )
+        entropies = record["layer0/router_entropy"], record["layer0/collab_entropy"]
+        assert 0 < entropies[0] <= math.log(4) + 1e-6 and 0 <= entropies[1] <= math.log(2) + 1e-6, entropies
 
     class Interrupt(Exception):
         pass
@@ -379,10 +378,15 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
 # The MoE under both wrappings; each ablation under one (DDP: the unused-parameter case a dropped
 # module would hit; FSDP2: the sharding of the layer's remaining parameters), to keep the suite short.
 GLOO_CASES = [("moe", "ddp"), ("moe", "fsdp"), ("no_context", "fsdp"), ("no_collab", "ddp")]
-GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp")]  # issue 28: each wrapping runs one sparse-MoC variant
+# Issue 28: each wrapping runs one sparse-MoC variant (slow: ~20-30 s each on an idle 2-core VM, 2 processes)
+GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp")]
 
 
-@pytest.mark.parametrize(("variant", "mode"), GLOO_CASES, ids=[f"{v}-{m}" for v, m in GLOO_CASES])
+@pytest.mark.parametrize(
+    ("variant", "mode"),
+    [pytest.param(v, m, marks=[pytest.mark.slow] if v in ("sparse", "preview") else []) for v, m in GLOO_CASES],
+    ids=[f"{v}-{m}" for v, m in GLOO_CASES],
+)
 def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, variant, mode):
     """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
     model = {"aux_loss_weight": 0.0}
