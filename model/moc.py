@@ -274,12 +274,14 @@ def _collab_modules(layer: nn.Module, config: ModelConfig) -> None:
 
 
 def gate_logits(gate: nn.Linear, summary: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Routing logits ``(s Wg + bg) / τ`` [N, E] in fp32 with autocast off: under bf16 autocast a bf16 gate
-    would tie tokens at the top-k boundary and route some differently from the fp32 gate (E columns: free)."""
+    """Routing logits ``(s Wg + bg) / τ`` [N, E] fp32, the gate run with autocast off: under bf16 autocast a
+    bf16 gate would tie tokens at the top-k boundary and route some differently from the fp32 gate (E
+    columns: free). The gate runs in its weights' dtype (fp32 when training under autocast), as a module
+    call so that its hooks see it."""
     device_type = summary.device.type
     off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
     with off:
-        return F.linear(summary.float(), gate.weight.float(), gate.bias.float()) / temperature
+        return gate(summary.to(gate.weight.dtype)).float() / temperature
 
 
 def even_routed_swiglu(
