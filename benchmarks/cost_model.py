@@ -329,9 +329,44 @@ def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None
     return Cost("moc_layer", "fwd+bwd", kflops, kbytes, rflops, rbytes)
 
 
+def sparse_layer_row(
+    shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None, routed_costs: list[Cost] | None = None
+) -> Cost:
+    """The sparse MoC layer (``ffn: moc_sparse``, token router; DESIGN §2c, issue 28), forward + backward.
+
+    Measured as :func:`layer_row` on the meta device, where the layer runs ``routed_swiglu``'s GEMMs with
+    the rows split evenly among the experts (``model.moc.even_routed_swiglu``, also measured alone here);
+    that pass and the collab attention's reference costs are replaced by the kernels' modelled ones.
+    """
+    from benchmarks.moc_layer import _random_weights, model_config
+    from model.moc import SparseCollaborativeExpertsModule, even_routed_swiglu
+
+    op_costs = op_costs if op_costs is not None else op_rows(shape)
+    routed_costs = routed_costs if routed_costs is not None else routed_rows(shape)
+    config = model_config(shape, ffn="moc_sparse", router_context=False)
+    with torch.device("meta"):
+        module = _random_weights(SparseCollaborativeExpertsModule(config), shape, "meta")
+    x = _meta(1, shape.tokens, shape.dim, dtype=shape.dtype, grad=True)
+    counter, flops = ByteCounter(), FlopCounterMode(display=False)
+    with moc_kernels.use_backend("reference"), flops, counter:
+        result = module(x)
+        aux = result.balance_loss + result.diversity_loss
+        torch.autograd.backward([result.out, aux], [torch.empty_like(result.out), torch.ones_like(aux)])
+    rflops, rbytes = float(flops.get_total_flops()), float(counter.bytes)
+    N, D, E, F, k, dt = shape.tokens, shape.dim, shape.experts, shape.hidden, shape.top_k, shape.dtype
+    experts_in = (_meta(N, D, dtype=dt, grad=True), _meta(N, k, dtype=torch.int64))
+    weights = (_meta(E, D, 2 * F, dtype=dt, grad=True), None, _meta(E, F, D, dtype=dt, grad=True))
+    eflops, ebytes = measure_reference(even_routed_swiglu, *experts_in, *weights, grads=(_meta(N, k, D, dtype=dt),))
+    collab = next(c for c in op_costs if c.op.startswith("small_attention[collab") and c.pass_ == "fwd+bwd")
+    routed = next(c for c in routed_costs if c.pass_ == "fwd+bwd")
+    kflops = rflops - eflops - collab.reference_flops + routed.kernel_flops + collab.kernel_flops
+    kbytes = rbytes - ebytes - collab.reference_bytes + routed.kernel_bytes + collab.kernel_bytes
+    return Cost("moc_sparse_layer", "fwd+bwd", kflops, kbytes, rflops, rbytes)
+
+
 def all_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
-    ops = op_rows(shape)
-    return [*ops, *routed_rows(shape), layer_row(shape, ops)]
+    ops, routed = op_rows(shape), routed_rows(shape)
+    return [*ops, *routed, sparse_layer_row(shape, ops, routed), layer_row(shape, ops)]
 
 
 def format_table(rows: list[Cost], shape: BenchShape = GPT2_SMALL) -> str:

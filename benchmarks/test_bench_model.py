@@ -4,6 +4,8 @@
   ``torch.compile`` and Triton.
 - ``test_moe_layer``: the same for the top-k MoE baseline (``TopKMoEModule``, ``ffn: moe``) at the
   same E, k and F: its k routed experts per token (``routed_swiglu``) against MoC's E.
+- ``test_moc_sparse_layer``: the sparse MoC layer (``ffn: moc_sparse``, DESIGN §2c, token router) at
+  the same E, k and F: MoC's collaboration over only the k routed experts (``routed_swiglu``).
 - ``test_moc_layer_vs_loop``: the functional layer of ``benchmarks.moc_layer`` with the vectorised
   ``expert_swiglu`` reference vs a ``for e in range(E)`` loop over experts (same code otherwise).
 - ``test_training_step``: forward, backward and AdamW step of the CPU default's LunarisLM
@@ -50,6 +52,17 @@ def test_moc_layer(benchmark, device, shape, impl):
 def test_moe_layer(benchmark, device, shape, impl):
     """Forward + backward (out and the balance loss) of the model's top-k MoE layer, MoC's E, k and F."""
     _time_expert_layer(benchmark, device, shape, impl, build_moe_module(shape, device), "moe_layer")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moc_sparse_layer(benchmark, device, shape, impl):
+    """Forward + backward (out and the aux losses) of the sparse MoC layer (token router), MoC's E, k and F."""
+    from benchmarks.moc_layer import _random_weights
+    from model.moc import SparseCollaborativeExpertsModule
+
+    config = model_config(shape, ffn="moc_sparse", router_context=False)
+    module = _random_weights(SparseCollaborativeExpertsModule(config), shape, device)
+    _time_expert_layer(benchmark, device, shape, impl, module, "moc_sparse_layer")
 
 
 def _time_expert_layer(benchmark, device, shape, impl: str, module: torch.nn.Module, op: str) -> None:

@@ -13,20 +13,61 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from experiments.common import documents_of, eval_batches_for, log, mean_std, prepare_or_reuse, train_or_reuse
+from experiments.common import (
+    SUMMARY,
+    ExperimentError,
+    documents_of,
+    eval_batches_for,
+    log,
+    mean_std,
+    prepare_or_reuse,
+    train_or_reuse,
+)
 from experiments.config import arm_model_keys, model_config, run_config
 
 
-def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False) -> dict[str, Any]:
-    """Train every arm for every seed; validation PPL per run, mean and spread per arm."""
+def claim_moc(
+    cfg: dict[str, Any],
+    out: Path,
+    modules: list,
+    reuse: bool = False,
+    only: list[str] | None = None,
+    previous: dict[str, Any] | None = None,
+    finished_only: bool = False,
+) -> dict[str, Any]:
+    """Train every arm for every seed; validation PPL per run, mean and spread per arm.
+
+    With ``only``, train just those arms and take every other arm's runs from ``previous`` (an earlier
+    ``results["claim1"]``): a run is kept under the arm whose model keys equal the ones it was trained
+    with, read with the meaning they had when it ran (``ModelConfig.saved_keys``: the first
+    ``moc_no_collab`` is today's ``moc_no_collab_v1``). ExperimentError if an arm is left without runs
+    or the data differ. With ``finished_only``, runs not finished in ``out`` are not trained but listed
+    in ``missing_runs`` (a report of what has finished so far).
+    """
     data_dir, meta, reuse = _claim1_data(cfg, out, modules, reuse)
     keys = arm_model_keys(cfg, int(meta["vocab_size"]))
     seq = model_config(next(iter(keys.values()))).max_seq_len
     batch = int(cfg["train"].get("batch_size", 16))
     eval_batches = eval_batches_for(meta, batch, seq, cfg["max_eval_batches"])
-    runs, unigram = _train_every_run(cfg, keys, data_dir, out, eval_batches, reuse)
-    arms = {name: _arm_summary(cfg, name, keys[name], [r for r in runs if r["arm"] == name]) for name in keys}
-    return {
+    train_keys = keys if only is None else {n: k for n, k in keys.items() if n in only}
+    runs, unigram, missing_runs = _train_every_run(cfg, train_keys, data_dir, out, eval_batches, reuse, finished_only)
+    reused: dict[str, str] = {}
+    if only is not None:
+        kept, reused, unigram_old = _previous_runs(previous or {}, keys, set(only), meta, eval_batches * batch * seq)
+        runs = kept + runs
+        unigram = unigram if unigram is not None else unigram_old
+    missing = [n for n in keys if not any(r["arm"] == n for r in runs)]
+    if missing and not finished_only:
+        raise ExperimentError(f"claim 1: no runs for arm(s) {', '.join(missing)}: train them with --arms")
+    arms = {
+        name: _arm_summary(cfg, name, keys[name], [r for r in runs if r["arm"] == name])
+        for name in keys
+        if name not in missing
+    }
+    for name, old in reused.items():
+        arms[name]["reused_from_arm"] = old
+    extra = {"missing_runs": missing_runs} if finished_only else {}
+    return extra | {
         "data": {
             "dir": str(data_dir),
             "train_tokens": int(meta["train_tokens"]),
@@ -39,6 +80,37 @@ def claim_moc(cfg: dict[str, Any], out: Path, modules: list, reuse: bool = False
         "arms": arms,
         "runs": runs,
     }
+
+
+def _previous_runs(
+    previous: dict[str, Any], keys: dict[str, dict[str, Any]], only: set[str], meta: dict[str, Any], scored: int
+) -> tuple[list[dict[str, Any]], dict[str, str], float | None]:
+    """The earlier runs of the arms not retrained, relabelled by their model keys; (runs, {arm: old arm}, unigram)."""
+    from model.config import ModelConfig
+
+    data = previous.get("data", {})
+    same = {
+        "train_tokens": int(meta["train_tokens"]),
+        "val_tokens": int(meta["val_tokens"]),
+        "val_tokens_scored": scored,
+    }
+    if any(data.get(k) != v for k, v in same.items()):
+        raise ExperimentError(f"claim 1: the earlier results' data differ from this run's ({same}): run every arm")
+
+    def meaning(model_keys: dict[str, Any]) -> dict[str, Any]:
+        return ModelConfig.from_dict(ModelConfig.saved_keys(model_keys)).to_dict()
+
+    wanted = {name: meaning(k) for name, k in keys.items() if name not in only}
+    runs, relabel = [], {}
+    for old_name, old_arm in previous.get("arms", {}).items():
+        match = next((n for n, m in wanted.items() if m == meaning(old_arm["model"])), None)
+        if match is not None:
+            relabel[old_name] = match
+    for run in previous.get("runs", []):
+        if run["arm"] in relabel:
+            runs.append(run | {"arm": relabel[run["arm"]]})
+    unigram = data.get("unigram_val_ppl")
+    return runs, {new: old for old, new in relabel.items()}, None if unigram is None else math.log(unigram)
 
 
 def _claim1_data(cfg: dict[str, Any], out: Path, modules: list, reuse: bool) -> tuple[Path, dict[str, Any], bool]:
@@ -65,9 +137,16 @@ def _claim1_data(cfg: dict[str, Any], out: Path, modules: list, reuse: bool) -> 
 
 
 def _train_every_run(
-    cfg: dict[str, Any], keys: dict[str, dict[str, Any]], data_dir: Path, out: Path, eval_batches: int, reuse: bool
-) -> tuple[list[dict[str, Any]], float | None]:
-    """Train (or reuse) every (arm, seed); returns the runs' records and the unigram val loss."""
+    cfg: dict[str, Any],
+    keys: dict[str, dict[str, Any]],
+    data_dir: Path,
+    out: Path,
+    eval_batches: int,
+    reuse: bool,
+    finished_only: bool = False,
+) -> tuple[list[dict[str, Any]], float | None, list[dict[str, Any]]]:
+    """Train (or reuse) every (arm, seed); returns the runs' records, the unigram val loss and the runs
+    skipped because they had not finished (``finished_only``: nothing is trained)."""
     # Build (and so validate) every run's config before training anything. A run interrupted late
     # can be finished with fewer seeds: --reuse keeps the runs already done.
     plans = [
@@ -79,8 +158,12 @@ def _train_every_run(
         for seed in cfg["seeds"]  # seed-major: an interrupted run has every arm for the first seeds
         for name in keys
     ]
-    runs, unigram = [], None
+    runs, unigram, missing = [], None, []
     for name, seed, run_cfg in plans:
+        if finished_only and not (Path(run_cfg.out_dir) / SUMMARY).is_file():
+            log(f"claim 1: {name} seed {seed} has not finished: left out (--finished-only)")
+            missing.append({"arm": name, "seed": seed})
+            continue
         log(f"claim 1: training {name} seed {seed} ({run_cfg.max_steps} steps)")
         result = train_or_reuse(run_cfg, reuse)
         unigram = result["unigram_loss"] if result["unigram_loss"] is not None else unigram
@@ -99,7 +182,7 @@ def _train_every_run(
             }
         )
         log(f"claim 1: {name} seed {seed}: val loss {result['val_loss_end']:.4f} (ppl {runs[-1]['val_ppl']:.2f})")
-    return runs, unigram
+    return runs, unigram, missing
 
 
 def _arm_summary(cfg: dict[str, Any], name: str, keys: dict[str, Any], mine: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,10 +198,11 @@ def _arm_summary(cfg: dict[str, Any], name: str, keys: dict[str, Any], mine: lis
     return {
         "model": dict(keys),
         "is_moc": mc.is_moc,
-        "ffn_kind": "moc" if mc.is_moc else "moe" if mc.is_moe else "dense",
+        "ffn_kind": "moc" if mc.is_moc else "moe" if mc.is_moe else "moc_sparse" if mc.is_moc_sparse else "dense",
         "ffn_label": mc.ffn_label,
         "router_context": mc.router_context,
         "collaboration": mc.collaboration,
+        "ablation_keeps_norm": mc.ablation_keeps_norm,
         "ffn_hidden": mc.ffn_hidden,
         "parameters": count_parameters(mc),
         "active_parameters": active_parameters(mc),

@@ -21,12 +21,13 @@ def train_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> fl
 
 
 def iso_flop_width(target: ModelConfig, base: ModelConfig, seq_len: int | None = None) -> ModelConfig:
-    """A copy of ``base`` (dense or MoE) whose FFN is widened until its FLOPs/token best match ``target``'s.
+    """A copy of ``base`` (dense, MoE or sparse MoC) widened until its FLOPs/token best match ``target``'s.
 
     Only ``ffn_hidden_multiplier`` changes (depth, width, attention, experts, vocabulary and tokens
-    stay ``base``'s): a dense FFN's F, or every MoE expert's F (a token runs k of them, so one unit
-    of F costs k times a dense one). The hidden size stays a multiple of ``base.multiple_of``, and of
-    the two nearest multiples the one with the closer total is returned.
+    stay ``base``'s): a dense FFN's F, or every routed expert's F (an MoE or sparse-MoC token runs k of
+    them, so one unit of F costs k times a dense one; a preview whose r follows F grows too). The hidden
+    size stays a multiple of ``base.multiple_of``, and of the two nearest multiples the one with the closer
+    total is returned.
     Raises ValueError if ``base`` is a MoC model (its width also sets the router's and collab's inputs).
     """
     if base.is_moc:
@@ -36,12 +37,13 @@ def iso_flop_width(target: ModelConfig, base: ModelConfig, seq_len: int | None =
     want = flops_per_token(target, seq_len)["total"]
     base_flops = flops_per_token(base, seq_len)
     fixed = base_flops["total"] - base_flops["ffn"]
-    experts_run = base.top_k if base.is_moe else 1
-    # SwiGLU FLOPs per token per unit of F (the gate and the weighted sum do not grow with F)
-    per_hidden = base.n_layers * 2 * 3 * base.d_model * experts_run
+    step = base.multiple_of
+    # FLOPs per token per unit of F, measured on the count itself (SwiGLU of the experts that run, and a
+    # preview that follows F); the FFN count is affine in F, so one step of F gives the slope exactly
+    wider = dataclasses.replace(base, ffn_hidden_multiplier=(base.ffn_hidden + step - 0.5) * 3 / (2 * base.d_model))
+    per_hidden = (flops_per_token(wider, seq_len)["ffn"] - base_flops["ffn"]) / (wider.ffn_hidden - base.ffn_hidden)
     width_independent = base_flops["ffn"] - per_hidden * base.ffn_hidden
     exact = max(want - fixed - width_independent, per_hidden) / per_hidden
-    step = base.multiple_of
     candidates = {max(step, step * math.floor(exact / step)), max(step, step * math.ceil(exact / step))}
     best = None
     for hidden in sorted(candidates):

@@ -78,7 +78,8 @@ def arm_roles(arms: dict[str, Any]) -> dict[str, Any]:
             else:
                 same_tokens.append((name, how[kind]))
     ablations = [n for n, a in arms.items() if _is_ablation(a)]
-    return {"moc": moc, "same_tokens": same_tokens, "iso_flops": iso_flops, "ablations": ablations}
+    sparse = [n for n, a in arms.items() if ffn_kind(a) == "moc_sparse"]
+    return {"moc": moc, "same_tokens": same_tokens, "iso_flops": iso_flops, "ablations": ablations, "sparse": sparse}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ def _ablation_sentence(name: str, moc: str, arms: dict[str, Any]) -> str:
     """What switching one of MoC's ideas off cost or gained, against full MoC, seed by seed."""
     a = arms[name]
     what = " and ".join(ABLATION_WHAT[k] for k in ABLATION_WHAT if not a.get(k, True))
+    if a.get("ablation_keeps_norm") is False:
+        what += " and the RMSNorm before `Wo` (the ablation as first run, before issue 28)"
     d = paired_difference(arms, name, moc)
     spread = f" ± {_fmt(d['std_diff'])} (std of the per-seed differences)" if d["std_diff"] is not None else ""
     per_seed = ", ".join(f"{v:+.2f} (s{s})" for s, v in d["per_seed"].items())
@@ -277,6 +280,7 @@ def _section_summary(results: dict[str, Any]) -> str:
     roles = arm_roles(arms)
     summary = _moc_comparisons(arms)
     summary += [_ablation_sentence(n, roles["moc"], arms) for n in roles["ablations"] if roles["moc"]]
+    summary += _sparse_sentences(arms)
     mixed = c2["evaluations"].get("mixed")
     if mixed:
         summary.append(
@@ -343,7 +347,13 @@ def _iso_flop_notes(arms: dict[str, Any], data: dict[str, Any]) -> list[str]:
         t = arms[target]
         ratio = a["forward_flops_per_token"] / t["forward_flops_per_token"]
         base = next(
-            (b for b in arms.values() if ffn_kind(b) == ffn_kind(a) and not b["matches_flops_of"]),
+            (
+                b
+                for b in arms.values()
+                if ffn_kind(b) == ffn_kind(a)
+                and b.get("router_context") == a.get("router_context")
+                and not b["matches_flops_of"]
+            ),
             None,
         )
         epochs = (
@@ -351,7 +361,11 @@ def _iso_flop_notes(arms: dict[str, Any], data: dict[str, Any]) -> list[str]:
             if base
             else float("nan")
         )
-        what = "the dense FFN is" if ffn_kind(a) == "dense" else "every expert of the MoE (k of them run per token) is"
+        what = {
+            "dense": "the dense FFN is",
+            "moe": "every expert of the MoE (k of them run per token) is",
+            "moc_sparse": "every routed expert of the sparse MoC (k of them run per token) is",
+        }[ffn_kind(a)]
         notes.append(
             f"Iso-FLOP arm `{name}`: {what} widened to F = {a['ffn_hidden']} (FLOPs/token {ratio:.3f} × "
             f"`{target}`'s), with the same tokens, so its total training FLOPs match `{target}`'s. Widening was "
@@ -365,11 +379,98 @@ def _iso_flop_notes(arms: dict[str, Any], data: dict[str, Any]) -> list[str]:
             "compute, `moc_kernels.routed_swiglu`); they share MoC's expert weights' names, shapes and "
             "initialisation, and have no router attention, collaboration or output projection. The ablations "
             "are MoC with one idea removed (DESIGN §2b): `router_context: false` routes on `s = x`, "
-            "`collaboration: false` combines the raw expert outputs, `(Σ_j w_j S_j) Wo`, so it also removes the "
-            "RMSNorm that step 5 puts between the experts and `Wo` (the README's model section measures what "
-            "that does to the layer's output at initialisation)."
+            "`collaboration: false` combines the normalised expert outputs, `(Σ_j w_j RMSNorm(S)_j) Wo`, "
+            "removing the collaboration only (issue 28); `ablation_keeps_norm: false` is the ablation as first run, "
+            "`(Σ_j w_j S_j) Wo`, which also removed the RMSNorm that step 5 puts between the experts and `Wo` (the "
+            "README's model section measures what that does to the layer's output at initialisation)."
         )
     return notes
+
+
+SPARSE_IDEA = {
+    False: "collaboration over the k routed experts, token router",
+    "preview": "collaboration over the k routed experts, preview router",
+}
+
+
+def sparse_comparisons(arms: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each sparse-MoC arm (DESIGN §2c) against the dense and MoE baselines, at equal tokens and at MoC's FLOPs.
+
+    One row per (arm, baseline): the verdict of :func:`compare_arms`, the per-seed differences of
+    :func:`paired_difference` and the ratio of training FLOPs. A preview arm is also paired with the
+    token-router arm of the same width (what the preview adds).
+    """
+    roles = arm_roles(arms)
+    rows = []
+    for name in roles["sparse"]:
+        a = arms[name]
+        others = [n for n, _ in roles["same_tokens"] + roles["iso_flops"]]
+        if a.get("router_context") == "preview":
+            others += [
+                n
+                for n in roles["sparse"]
+                if arms[n].get("router_context") is False
+                and bool(arms[n]["matches_flops_of"]) == bool(a["matches_flops_of"])
+                and arms[n].get("collaboration", True) == a.get("collaboration", True)
+            ]
+        for other in others:
+            b = arms[other]
+            rows.append(
+                {
+                    "arm": name,
+                    "other": other,
+                    "flops_ratio": a["train_flops_total"] / b["train_flops_total"],
+                    "compare": compare_arms(arms, name, other),
+                    "paired": paired_difference(arms, name, other),
+                }
+            )
+    return rows
+
+
+def _sparse_table(arms: dict[str, Any]) -> list[str]:
+    lines = [
+        "| arm | against | train FLOPs ratio | val PPL (mean) | against's | per-seed difference (arm − against) | "
+        "verdict |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in sparse_comparisons(arms):
+        a, b = arms[row["arm"]], arms[row["other"]]
+        per_seed = ", ".join(f"{v:+.2f} (s{s})" for s, v in row["paired"]["per_seed"].items())
+        verdict = {"beat": "beat", "lower mean": "lower mean, seeds overlap", "did not beat": "did not beat"}
+        lines.append(
+            f"| `{row['arm']}` | `{row['other']}` | {row['flops_ratio']:.2f}× | {_fmt(a['val_ppl_mean'])} | "
+            f"{_fmt(b['val_ppl_mean'])} | {per_seed} | {verdict[row['compare']['verdict']]} |"
+        )
+    return lines
+
+
+def _sparse_sentences(arms: dict[str, Any]) -> list[str]:
+    """Per idea, the verdict at equal tokens (same E/k/F) and at MoC's training FLOPs, in words."""
+    rows = sparse_comparisons(arms)
+    moc = arm_roles(arms)["moc"]
+    out = []
+    for name in arm_roles(arms)["sparse"]:
+        a = arms[name]
+        mine = [r for r in rows if r["arm"] == name]
+        if not mine:
+            continue
+        idea = SPARSE_IDEA.get(a.get("router_context"), "sparse MoC")
+        where = "at MoC's training FLOPs" if a["matches_flops_of"] else "at MoC's E, k, F and the same tokens"
+        cost = f"{a['forward_flops_per_token'] / arms[moc]['forward_flops_per_token']:.2f}× MoC's" if moc else ""
+        parts = []
+        for r in mine:
+            d = r["paired"]
+            agree = {"better": "every seed lower", "worse": "every seed higher", "mixed": "seeds disagree"}[d["agree"]]
+            verb = {"beat": "beat", "lower mean": "had a lower mean than", "did not beat": "did not beat"}
+            parts.append(
+                f"{verb[r['compare']['verdict']]} `{r['other']}` ({d['mean_diff']:+.2f} PPL, {agree}; "
+                f"{r['flops_ratio']:.2f}× its training FLOPs)"
+            )
+        out.append(
+            f"Sparse MoC, {idea} (`{name}`, {where}; forward FLOPs/token {cost}): val PPL "
+            f"{_fmt(a['val_ppl_mean'])}; it " + "; ".join(parts) + "."
+        )
+    return out
 
 
 def _claim1_commentary(results: dict[str, Any]) -> list[str]:
@@ -427,7 +528,52 @@ def _section_claim1(results: dict[str, Any]) -> str:
         lines += [note, ""]
     if arm_roles(arms)["moc"] is not None:
         lines += _claim1_commentary(results)
+    if arm_roles(arms)["sparse"]:
+        lines += ["", *_section_sparse(results)]
     return "\n".join(lines).rstrip()
+
+
+def _section_sparse(results: dict[str, Any]) -> list[str]:
+    arms = results["claim1"]["arms"]
+    lines = [
+        "### MoC's ideas at a top-k MoE's cost (DESIGN §2c, issue 28)",
+        "",
+        "Sparse MoC runs only each token's k routed experts (`routed_swiglu`, as the MoE) and keeps the "
+        "collaboration among them (attention, RMSNorm, refinement FFN, `Wo`); its router reads the token "
+        "(`router_context: false`) or a preview of every expert (`router_context: preview`: each expert's first "
+        "r hidden units, an attention over the E previews in width p). Each arm against the dense and MoE "
+        "baselines at equal tokens and at MoC's training FLOPs (`*_iso_flops`), seed by seed (same seeds' "
+        'initialisation and batches); verdicts as above ("beat": every seed of the arm below every seed of the '
+        "other).",
+        "",
+        *_sparse_table(arms),
+        "",
+        *[f"- {s}" for s in _sparse_sentences(arms)],
+    ]
+    reused = results.get("reused")
+    if reused:
+        kept = [n for n in arms if n not in reused["arms_trained"]]
+        relabelled = [f"`{a['reused_from_arm']}` as `{n}`" for n, a in arms.items() if a.get("reused_from_arm", n) != n]
+        lines += [
+            "",
+            f"Arms trained for this report (`--arms`): {', '.join(f'`{n}`' for n in reused['arms_trained'])}. "
+            f"The other arms' runs ({', '.join(f'`{n}`' for n in kept)}) are those of `{reused['from_command']}` "
+            f"at commit `{reused['from_commit']}` (started {reused['from_started_utc']}), kept because their model and "
+            "training keys are unchanged and their forward and backward are bit-identical at this commit"
+            + (f"; relabelled: {', '.join(relabelled)}" if relabelled else "")
+            + ". Claim 2 below is that run's too.",
+        ]
+    missing = results["claim1"].get("missing_runs")
+    if missing:
+        names = sorted({m["arm"] for m in missing}, key=list(results["config"]["arms"]).index)
+        lines += [
+            "",
+            "**Not finished when this report was written** (left out above; the arms and verdicts use the seeds "
+            "that finished): " + ", ".join(f"`{m['arm']}` seed {m['seed']}" for m in missing) + ". Finish them "
+            f"and rewrite this report with `python -m experiments.run --reuse --arms {','.join(names)}` "
+            "(keeps the finished runs in `out_dir`, trains the rest).",
+        ]
+    return lines
 
 
 def _fusion_table(c2: dict[str, Any]) -> list[str]:

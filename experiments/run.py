@@ -3,6 +3,8 @@
     python -m experiments.run                  # the CPU run behind experiments/RESULTS.md
     python -m experiments.run --smoke          # seconds: the same code path, toy sizes (tests)
     python -m experiments.run --config experiments/configs/gpu.yaml
+    python -m experiments.run --arms moc_sparse,moc_preview   # train only these claim-1 arms; the
+        # others' runs (and claim 2) come from results_dir/results.json, then the report is rewritten
 
 1. **MoC vs the baselines it claims to beat** (``experiments.claim_moc``): dense, dense at MoC's
    FLOPs, top-k MoE at MoC's E/k/F and at MoC's FLOPs, MoC, and MoC without its router context or
@@ -54,8 +56,43 @@ def _parser() -> argparse.ArgumentParser:
         help="keep runs (and prepared data) already in out_dir whose config (and documents) are identical, "
         "instead of recomputing them: resumes an interrupted experiment",
     )
+    p.add_argument(
+        "--arms",
+        help="comma-separated claim-1 arms to train; every other arm's runs and claim 2 are taken from the "
+        "results.json already in results_dir (a run is kept under the arm whose model keys it was trained "
+        "with), then the report is rewritten",
+    )
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --arms: train nothing; report the runs of those arms that have finished in out_dir and "
+        "name the missing ones (a report of an experiment still running)",
+    )
     p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
     return p
+
+
+def _selected_arms(arms: str | None, cfg: dict, results_dir: Path) -> tuple[list[str] | None, dict | None]:
+    """(arm names, the earlier results) for ``--arms``; (None, None) without it. ExperimentError if unusable."""
+    import json
+
+    if arms is None:
+        return None, None
+    names = [a.strip() for a in arms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in cfg["arms"]]
+    if not names or unknown:
+        raise ExperimentError(
+            f"--arms: unknown arm(s) {', '.join(unknown) or repr(arms)}; arms: {', '.join(cfg['arms'])}"
+        )
+    path = results_dir / "results.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"--arms needs the earlier results in {path}: {e}") from None
+    for key in ("train", "seeds", "vocab_size", "val_fraction", "full_corpus"):
+        if previous["config"].get(key) != cfg.get(key):
+            raise ExperimentError(f"--arms: {key!r} differs from the earlier results' ({path}); run every arm")
+    return names, previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out_dir or cfg["out_dir"])
         results_dir = Path(args.results_dir or cfg["results_dir"] or out)
         check_runs(cfg)  # every run's model and training keys, before any work
+        only, previous = _selected_arms(args.arms, cfg, results_dir)
+        if args.finished_only and only is None:
+            raise ExperimentError("--finished-only needs --arms (the arms whose finished runs to report)")
         log(f"config {config_path}; out_dir {out}; results_dir {results_dir}")
         env = environment()
         domain_names = {m for mods in cfg["fusion"]["domains"].values() for m in mods}
@@ -82,10 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         claim1_modules = modules
         fusion_modules = [m for m in modules if m[1] in domain_names]
         t1 = time.time()
-        moc = claim_moc(cfg, out, claim1_modules, args.reuse)
+        moc = claim_moc(
+            cfg,
+            out,
+            claim1_modules,
+            args.reuse,
+            only,
+            None if previous is None else previous["claim1"],
+            args.finished_only,
+        )
         t2 = time.time()
-        fusion = claim_fusion(cfg, out, fusion_modules, args.reuse)
-        if cfg["fusion"]["own_tokenizers"]:
+        if previous is not None:
+            fusion = previous["claim2"]
+            log(f"claim 2: kept from {results_dir / 'results.json'} (--arms)")
+        else:
+            fusion = claim_fusion(cfg, out, fusion_modules, args.reuse)
+        if cfg["fusion"]["own_tokenizers"] and previous is None:
             from experiments.cross_tokenizer import claim_own_tokenizers
 
             fusion["own_tokenizers"] = claim_own_tokenizers(cfg, out, args.reuse)
@@ -115,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         "claim1": moc,
         "claim2": fusion,
     }
+    if previous is not None:  # the runs kept from the earlier results: where they came from
+        results["reused"] = {
+            "arms_trained": only,
+            "from_command": previous["command"],
+            "from_commit": previous["environment"].get("git_commit"),
+            "from_started_utc": previous.get("started_utc"),
+            "from_wall_s": previous["wall_s"],
+        }
     paths = write_report(results, results_dir)
     log(f"done in {results['wall_s']['total']:.0f} s: " + ", ".join(str(p) for p in paths))
     return 0

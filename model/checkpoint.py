@@ -225,7 +225,9 @@ class RunCheckpointer:
         saved_keys = ckpt["config"].get("model_config", {})
         if not saved_keys:  # a checkpoint that does not say its model (nothing to compare)
             return
-        saved_model = {k: v for k, v in (ModelConfig().to_dict() | saved_keys).items() if k != "kernels"}
+        saved_model = {
+            k: v for k, v in (ModelConfig().to_dict() | ModelConfig.saved_keys(saved_keys)).items() if k != "kernels"
+        }
         this_model = {k: v for k, v in self.model_cfg.to_dict().items() if k != "kernels"}
         if saved_model != this_model:
             changed = sorted(k for k in this_model if saved_model.get(k) != this_model[k])

@@ -13,9 +13,16 @@ from typing import Any
 # checks it equals moc_kernels.BACKENDS.
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 FFN_HIDDEN_RULES = ("design", "original")
-FFN_KINDS = ("moc", "moe")  # the expert layer when n_experts > 0: MoC (DESIGN §2) or top-k MoE (§2b)
+# the expert layer when n_experts > 0: MoC (DESIGN §2), top-k MoE (§2b) or sparse MoC (§2c: k routed experts)
+FFN_KINDS = ("moc", "moe", "moc_sparse")
 # MoC-only switches (DESIGN §2b): setting one to false on a dense or MoE model is an error, not a no-op.
 MOC_ABLATIONS = ("router_context", "collaboration")
+# router_context values: true (attention over all E expert outputs: ffn: moc only), false (the token
+# itself), "preview" (attention over E cheap expert previews: ffn: moc_sparse only, DESIGN §2c).
+ROUTER_CONTEXTS = (True, False, "preview")
+# Values a config saved before a key existed meant (checkpoints, HF exports): see ModelConfig.saved_keys.
+# collaboration: false used to feed the raw S_j to Wo; since DESIGN §2b's fix it keeps RMSNorm(S).
+LEGACY_WHEN_ABSENT = {"ablation_keeps_norm": False}
 
 
 @dataclass
@@ -52,8 +59,19 @@ class ModelConfig:
     ffn_hidden_rule: str = "design"  # expert/dense FFN width F: "design" (DESIGN §2) | "original" (see ffn_hidden)
     # The baselines MoC is judged against (DESIGN §2b). The defaults are MoC as it always was.
     ffn: str = "moc"  # expert layer when n_experts > 0: "moc" | "moe" (standard top-k MoE, sparse compute)
-    router_context: bool = True  # MoC only: false routes on the token itself (s = x), not the E-output attention
-    collaboration: bool = True  # MoC only: false skips the collab attention/FFN: out = (sum_j w_j S_j) Wo
+    # MoC only: false routes on the token itself (s = x), not the E-output attention; preview: DESIGN §2c
+    router_context: bool | str = True
+    # MoC only: false skips the collab attention/FFN: out = (sum_j w_j RMSNorm(S)_j) Wo (see ablation_keeps_norm)
+    collaboration: bool = True
+    # collaboration: false only: keep step 5's RMSNorm before Wo (DESIGN §2b). false is the ablation as it
+    # was before that fix, out = (sum_j w_j S_j) Wo, which checkpoints and exports saved without this key mean.
+    ablation_keeps_norm: bool = True
+    # Preview router (router_context: preview, ffn: moc_sparse; DESIGN §2c): each expert's first
+    # preview_hidden hidden units (None -> F // 16) give a preview P_e; the router's self-attention over
+    # the E previews runs in width preview_width with preview_heads heads; s = mean of its outputs.
+    preview_hidden: int | None = None
+    preview_width: int = 64
+    preview_heads: int = 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -73,6 +91,20 @@ class ModelConfig:
         config.validate()
         return config
 
+    @staticmethod
+    def saved_keys(d: dict[str, Any]) -> dict[str, Any]:
+        """A saved config's keys (checkpoint, HF export) with the meaning they had when saved.
+
+        A key added after the config was written takes the value that reproduces the old behaviour
+        where it differs from the new default: an ablation saved with ``collaboration: false`` and no
+        ``ablation_keeps_norm`` is the pre-fix ablation (no RMSNorm before Wo). Other configs are unchanged.
+        """
+        d = dict(d)
+        if d.get("collaboration") is False:
+            for key, value in LEGACY_WHEN_ABSENT.items():
+                d.setdefault(key, value)
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (round-trips through ``from_dict``)."""
         return dataclasses.asdict(self)
@@ -88,6 +120,21 @@ class ModelConfig:
         return self.has_experts and self.ffn == "moc"
 
     @property
+    def is_moc_sparse(self) -> bool:
+        """True when the FFNs are sparse MoC layers (``ffn: moc_sparse``: k routed experts, DESIGN §2c)."""
+        return self.has_experts and self.ffn == "moc_sparse"
+
+    @property
+    def has_collab(self) -> bool:
+        """True for the MoC kinds (``ffn: moc`` or ``moc_sparse``), which carry the MoC switches."""
+        return self.is_moc or self.is_moc_sparse
+
+    @property
+    def preview_rank(self) -> int:
+        """r: the hidden units of each expert its preview runs (``preview_hidden`` or F // 16, at least 1)."""
+        return self.preview_hidden if self.preview_hidden is not None else max(1, self.ffn_hidden // 16)
+
+    @property
     def is_moe(self) -> bool:
         """True when the FFNs are standard top-k MoE layers (``ffn: moe`` with experts)."""
         return self.has_experts and self.ffn == "moe"
@@ -99,12 +146,19 @@ class ModelConfig:
             return "dense"
         if self.is_moe:
             return "MoE"
+        if self.is_moc_sparse:
+            router = "preview router" if self.router_context == "preview" else "token router"
+            return f"sparse MoC ({router}{'' if self.collaboration else ', no collaboration'})"
         off = [name.replace("_", " ") for name in MOC_ABLATIONS if not getattr(self, name)]
+        if not self.collaboration and not self.ablation_keeps_norm:
+            off[-1] += " nor its RMSNorm"
         return f"MoC (no {', no '.join(off)})" if off else "MoC"
 
     def dense_baseline(self) -> ModelConfig:
         """This config with the dense SwiGLU FFN of the same width F (``n_experts: 0``, switches at their defaults)."""
-        return dataclasses.replace(self, n_experts=0, ffn="moc", router_context=True, collaboration=True)
+        return dataclasses.replace(
+            self, n_experts=0, ffn="moc", router_context=True, collaboration=True, ablation_keeps_norm=True
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -161,6 +215,9 @@ class ModelConfig:
         need_int("moc_heads", 1, allow_none=True)
         need_int("n_experts", 0, allow_none=True)
         need_int("top_k", 1)
+        need_int("preview_hidden", 1, allow_none=True)
+        need_int("preview_width", 1)
+        need_int("preview_heads", 1)
         for name in ("ffn_hidden_multiplier", "rope_theta", "router_temperature", "norm_eps"):
             need_float(name, positive=True)
         for name in ("dropout", "aux_loss_weight", "balance_coef", "diversity_coef"):
@@ -189,8 +246,9 @@ class ModelConfig:
         self._validate_ffn_kind()
         if self.has_experts and self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
-        if self.is_moc and self.d_model % self.collab_heads:
+        if self.has_collab and self.d_model % self.collab_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by moc_heads={self.collab_heads}")
+        self._validate_sparse_router()
 
     def _validate_ffn_kind(self) -> None:
         """``ffn`` is a known kind, needs experts for moe, and the MoC switches are off only on MoC."""
@@ -202,13 +260,42 @@ class ModelConfig:
             raise ValueError(
                 f"ffn: moe needs n_experts >= 1, got n_experts={self.n_experts!r} (n_experts 0 is the dense model)"
             )
-        for name in MOC_ABLATIONS:
+        for name in (*MOC_ABLATIONS, "ablation_keeps_norm"):
             value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"model key {name!r} must be true or false, got {value!r}")
-            if not value and not self.is_moc:
+            allowed = ROUTER_CONTEXTS if name == "router_context" else (True, False)
+            if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+                spelled = "true, false or preview" if name == "router_context" else "true or false"
+                raise ValueError(f"model key {name!r} must be {spelled}, got {value!r}")
+            if value is not True and not self.has_collab:
                 kind = "an MoE" if self.is_moe else "a dense"
                 raise ValueError(
                     f"model key {name!r} is a MoC ablation; it cannot be false on {kind} model "
                     f"(n_experts={self.n_experts!r}, ffn={self.ffn!r})"
                 )
+
+    def _validate_sparse_router(self) -> None:
+        """The router each MoC kind can have, and a preview that fits its expert and its heads (DESIGN §2c)."""
+        if self.is_moc_sparse and self.router_context is True:
+            raise ValueError(
+                "ffn: moc_sparse runs only the k routed experts, so its router cannot read all E expert outputs "
+                "(router_context: true); use router_context: false (token router) or preview"
+            )
+        if self.router_context == "preview" and not self.is_moc_sparse:
+            raise ValueError(
+                f"router_context: preview is the router of ffn: moc_sparse, got ffn={self.ffn!r} "
+                f"(n_experts={self.n_experts!r}); ffn: moc's router reads the full expert outputs"
+            )
+        if self.router_context == "preview":
+            if self.preview_rank > self.ffn_hidden:
+                raise ValueError(
+                    f"preview_hidden={self.preview_rank} must be <= the expert hidden size F={self.ffn_hidden}"
+                )
+            if self.preview_width % self.preview_heads:
+                raise ValueError(
+                    f"preview_width={self.preview_width} must be divisible by preview_heads={self.preview_heads}"
+                )
+        if not self.ablation_keeps_norm and self.collaboration:
+            raise ValueError(
+                "model key 'ablation_keeps_norm' applies to collaboration: false only; it cannot be false "
+                "on a model that collaborates"
+            )

@@ -58,6 +58,7 @@ class LunarisConfig(PretrainedConfig):
     }
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs = ModelConfig.saved_keys(kwargs)  # an export saved before a key existed keeps its meaning
         for name, default in ModelConfig().to_dict().items():
             hf_name = _HF_NAMES.get(name, name)
             setattr(self, hf_name, kwargs.pop(hf_name, kwargs.pop(name, default)))

@@ -50,6 +50,20 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> dict[str
             ffn += 2 * 2 * k * k * dim  # collab attention scores and values (L = k)
             ffn += 2 * 4 * dim * dim * k  # refinement FFN D -> 2D -> D on each of the k
         ffn += 2 * k * dim + 2 * dim * dim  # weighted combination, output projection
+    elif config.is_moc_sparse:
+        ffn = 2 * 3 * dim * hidden * k  # only the k routed experts' SwiGLU
+        if config.router_context == "preview":
+            rank, width = config.preview_rank, config.preview_width
+            ffn += 2 * 3 * dim * rank * experts  # every expert's preview: its first r hidden units
+            ffn += 2 * 3 * dim * width * experts  # preview attention q/k/v, D -> p, over the E previews
+            ffn += 2 * 2 * experts * experts * width  # its scores and values (L = E, width p)
+            ffn += 2 * width * experts  # gate on the p-wide summary
+        else:
+            ffn += 2 * dim * experts  # gate on the token
+        if config.collaboration:
+            ffn += 2 * 4 * dim * dim * k + 2 * 2 * k * k * dim  # collab attention over the k (projections, L = k)
+            ffn += 2 * 4 * dim * dim * k  # refinement FFN D -> 2D -> D on each of the k
+        ffn += 2 * k * dim + 2 * dim * dim  # weighted combination, output projection
     elif config.is_moe:
         ffn = 2 * 3 * dim * hidden * k + 2 * dim * experts + 2 * k * dim  # k experts' SwiGLU, gate, combination
     else:
@@ -70,8 +84,12 @@ def count_parameters(config: ModelConfig) -> int:
 
 
 def active_parameters(config: ModelConfig) -> int:
-    """Parameters a token's forward uses: all of them, less the (E - k) experts per MoE layer it skips."""
+    """Parameters a token's forward uses: all of them, less the (E - k) experts per MoE or sparse MoC layer
+    it skips (a preview router reads each skipped expert's first r hidden units, which stay active)."""
     total = count_parameters(config)
+    if config.is_moc_sparse:
+        hidden = config.ffn_hidden - (config.preview_rank if config.router_context == "preview" else 0)
+        return total - config.n_layers * (config.n_experts - config.top_k) * 3 * config.d_model * hidden
     if not config.is_moe:
         return total
     skipped_per_layer = (config.n_experts - config.top_k) * 3 * config.d_model * config.ffn_hidden
@@ -150,6 +168,12 @@ def format_summary(config: ModelConfig, rows: dict[str, Any]) -> str:
         lines.append(
             f"note: MoC runs all {config.n_experts} experts on every token, so its FFN costs about "
             f"{config.n_experts}x a dense FFN (plus router/collab attention), whatever top_k is."
+        )
+    if config.is_moc_sparse:
+        lines.append(
+            f"note: sparse MoC runs {config.top_k} of its {config.n_experts} experts on each token (plus "
+            "collaboration among them and, with the preview router, each expert's first "
+            f"{config.preview_rank if config.router_context == 'preview' else 0} hidden units)."
         )
     if config.is_moe:
         lines.append(

@@ -12,7 +12,7 @@ from torch import nn
 import moc_kernels as mk
 from model.config import ModelConfig
 from model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
-from model.moc import CollaborativeExpertsModule
+from model.moc import CollaborativeExpertsModule, SparseCollaborativeExpertsModule
 from model.moe import TopKMoEModule
 
 IGNORE_INDEX = -100
@@ -31,6 +31,8 @@ def ffn_module(config: ModelConfig) -> nn.Module:
     """The FFN of every block: MoC (``ffn: moc``), top-k MoE (``ffn: moe``) or dense SwiGLU (no experts)."""
     if config.is_moc:
         return CollaborativeExpertsModule(config)
+    if config.is_moc_sparse:
+        return SparseCollaborativeExpertsModule(config)
     if config.is_moe:
         return TopKMoEModule(config)
     return SwiGLU(config)

@@ -2,15 +2,19 @@
 
 Every expert runs on every token (``expert_swiglu``), so there is no Python loop over experts and no
 token dispatch: the layer costs about E dense FFNs, in exchange for a router that sees every
-expert's answer before it chooses.
+expert's answer before it chooses. The sparse variant (DESIGN §2c, ``ffn: moc_sparse``) runs only
+each token's k routed experts (``routed_swiglu``) and keeps the collaboration among them; its router
+reads the token itself or a cheap preview of every expert.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import moc_kernels as mk
@@ -106,7 +110,8 @@ class CollaborativeExpertsModule(nn.Module):
     projections so one tensor feeds both (the kernel takes it packed), ``w2`` [E, F, D].
     The ablations of DESIGN §2b drop the modules they do not use (so DDP sees no unused parameter
     and the parameter count is honest): ``router_context: false`` has no ``router_attn``/``router_norm``,
-    ``collaboration: false`` no ``collab_attn``/``collab_norm``/``collab_ffn``.
+    ``collaboration: false`` no ``collab_attn``/``collab_ffn`` (and no ``collab_norm`` either with
+    ``ablation_keeps_norm: false``, the ablation as saved before DESIGN §2b's fix).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -120,18 +125,15 @@ class CollaborativeExpertsModule(nn.Module):
         if self.router_context:
             self.router_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
             self.router_norm = RMSNorm(dim, config.norm_eps)
+        self.ablation_keeps_norm = config.ablation_keeps_norm
         self.gate = nn.Linear(dim, experts, bias=True)
-        if self.collaboration:
-            self.collab_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
-            self.collab_norm = RMSNorm(dim, config.norm_eps)
-            self.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        _collab_modules(self, config)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> MoCOutput:
         """x: [B, T, D] fp32|bf16|fp16 -> MoCOutput (losses and stats fp32)."""
         batch, seq, dim = x.shape
         tokens = x.reshape(batch * seq, dim)
-        k = self.top_k
 
         # 1. every expert on every token: [N, E, D]
         tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
@@ -144,17 +146,26 @@ class CollaborativeExpertsModule(nn.Module):
             summary = self.router_norm(attended + expert_outputs).mean(dim=1)  # [N, D]
         else:
             summary = x.reshape(batch * seq, dim)
-        route_logits = self.gate(summary).float() / self.temperature  # [N, E] fp32: softmax/top-k precision
+        route_logits = gate_logits(self.gate, summary, self.temperature)
 
-        # 3. top-k; w renormalises over the chosen k, p (all E) feeds the balance loss
-        top_logits, top_idx = route_logits.topk(k, dim=-1)
-        top_weights = torch.softmax(top_logits, dim=-1)  # [N, k]
+        # 3-4. top-k, then the k chosen raw outputs S = Y[n, idx]
+        top_idx = route_logits.topk(self.top_k, dim=-1).indices
+        selected = mk.topk_gather(expert_outputs, top_idx)  # [N, k, D]
+        return self.collaborate_and_combine(x, route_logits, top_idx, selected)
+
+    def collaborate_and_combine(
+        self, x: torch.Tensor, route_logits: torch.Tensor, top_idx: torch.Tensor, selected: torch.Tensor
+    ) -> MoCOutput:
+        """Steps 3 and 5-7 of DESIGN §2 from the routing logits [N, E] fp32, the top-k [N, k] and S [N, k, D]."""
+        batch, seq, dim = x.shape
+        k = self.top_k
+        # w renormalises over the chosen k, p (all E) feeds the balance loss
+        top_weights = torch.softmax(route_logits.gather(-1, top_idx), dim=-1)  # [N, k]
         log_probs = torch.log_softmax(route_logits, dim=-1)
         probs = log_probs.exp()
 
-        # 4-5. the k chosen raw outputs attend to each other, then refine
-        # (collaboration: false combines the raw outputs S_j: no collab attention, FFN or diversity loss)
-        selected = mk.topk_gather(expert_outputs, top_idx)  # [N, k, D]
+        # 5. the k chosen outputs attend to each other, then refine. collaboration: false keeps only the
+        # RMSNorm, R = RMSNorm(S) (DESIGN §2b); ablation_keeps_norm: false is the older ablation, R = S.
         if self.collaboration:
             collab_context, collab_entropy = self.collab_attn(selected)  # entropy [N, H, k]
             refined = self.collab_norm(collab_context + selected)
@@ -162,7 +173,8 @@ class CollaborativeExpertsModule(nn.Module):
             diversity_loss = normalised_diversity_loss(collab_entropy, k)
             mean_collab_entropy = collab_entropy.float().mean().detach()
         else:
-            refined, mean_collab_entropy = selected, None
+            refined = self.collab_norm(selected) if self.ablation_keeps_norm else selected
+            mean_collab_entropy = None
             diversity_loss = route_logits.new_zeros(())
 
         # 6. weighted combination of the k refined outputs, then the output projection
@@ -176,3 +188,115 @@ class CollaborativeExpertsModule(nn.Module):
         return MoCOutput(
             out, balance_loss, diversity_loss, expert_load.detach(), router_entropy.detach(), mean_collab_entropy
         )
+
+
+class PreviewAttention(nn.Module):
+    """The preview router's self-attention over the E expert previews of each token, in width p (DESIGN §2c).
+
+    q, k, v: Linear(D, p) without bias, ``heads`` heads of p / heads; no output projection (the gate
+    reads the mean of the p-wide outputs directly).
+    """
+
+    def __init__(self, dim: int, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, width, bias=False)
+        self.k_proj = nn.Linear(dim, width, bias=False)
+        self.v_proj = nn.Linear(dim, width, bias=False)
+
+    def forward(self, previews: torch.Tensor) -> torch.Tensor:
+        """previews: [N, E, D] -> token summary s [N, p] (mean over the E attention outputs)."""
+        n, length, _ = previews.shape
+        width = self.q_proj.out_features
+        shape = (n, length, self.heads, width // self.heads)
+        q, k, v = (proj(previews).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return mk.small_attention(q, k, v).reshape(n, length, width).mean(dim=1)
+
+
+class SparseCollaborativeExpertsModule(CollaborativeExpertsModule):
+    """Sparse MoC FFN (DESIGN §2c): router -> top-k -> only the k chosen experts -> collaboration -> combine.
+
+    Router: the token itself, ``r = (x Wg + bg)/τ`` (``router_context: false``), or the preview router
+    (``router_context: preview``): ``P_e = (silu(x W1_e[:, :r]) ⊙ x W3_e[:, :r]) W2_e[:r, :]`` from each
+    expert's own first r hidden units, a self-attention over the E previews in width p, s = the mean of
+    its outputs, ``route = (s Wg + bg)/τ`` with ``gate`` = Linear(p, E). Then
+    ``S = [SwiGLU_{idx_j}(x)]_j`` (``routed_swiglu``: k/E of the expert FLOPs) and steps 5-7 of §2.
+    Parameters are named as :class:`CollaborativeExpertsModule`'s (``w13``, ``w2``, ``gate``,
+    ``collab_*``, ``out_proj``), plus ``preview_attn`` for the preview router.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        dim, hidden, experts = config.d_model, config.ffn_hidden, config.n_experts
+        self.num_experts, self.top_k, self.hidden = experts, config.top_k, hidden
+        self.temperature = config.router_temperature
+        self.w13 = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.router_context, self.collaboration = config.router_context, config.collaboration
+        self.ablation_keeps_norm = config.ablation_keeps_norm
+        if self.router_context == "preview":
+            self.preview_rank = config.preview_rank
+            self.preview_attn = PreviewAttention(dim, config.preview_width, config.preview_heads)
+            self.gate = nn.Linear(config.preview_width, experts, bias=True)
+        else:
+            self.gate = nn.Linear(dim, experts, bias=True)
+        _collab_modules(self, config)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> MoCOutput:
+        """x: [B, T, D] fp32|bf16|fp16 -> MoCOutput (losses and stats fp32)."""
+        batch, seq, dim = x.shape
+        tokens, w13, w2 = autocast_operands(x.device.type, x.reshape(batch * seq, dim), self.w13, self.w2)
+        if self.router_context == "preview":
+            r, hidden = self.preview_rank, self.hidden
+            # slices of the experts' own weights: the preview is what each expert starts to say
+            previews = mk.expert_swiglu(tokens, w13[..., :r], w13[..., hidden : hidden + r], w2[:, :r])  # [N, E, D]
+            summary = self.preview_attn(previews)  # [N, p]
+        else:
+            summary = x.reshape(batch * seq, dim)
+        route_logits = gate_logits(self.gate, summary, self.temperature)
+        top_idx = route_logits.topk(self.top_k, dim=-1).indices
+        routed = even_routed_swiglu if tokens.is_meta else mk.routed_swiglu
+        selected = routed(tokens, top_idx, w13, None, w2)  # [N, k, D]: slot j = SwiGLU_{idx_j}(x), w13 packed
+        return self.collaborate_and_combine(x, route_logits, top_idx, selected)
+
+
+def _collab_modules(layer: nn.Module, config: ModelConfig) -> None:
+    """Step 5's modules on ``layer``: the collab attention, RMSNorm and FFN, or for ``collaboration: false``
+    the RMSNorm alone (none with ``ablation_keeps_norm: false``)."""
+    dim = config.d_model
+    if config.collaboration:
+        layer.collab_attn = SmallMHA(dim, config.collab_heads, bias=config.moc_attn_bias)
+        layer.collab_norm = RMSNorm(dim, config.norm_eps)
+        layer.collab_ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+    elif config.ablation_keeps_norm:
+        layer.collab_norm = RMSNorm(dim, config.norm_eps)
+
+
+def gate_logits(gate: nn.Linear, summary: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Routing logits ``(s Wg + bg) / τ`` [N, E] fp32, the gate run with autocast off: under bf16 autocast a
+    bf16 gate would tie tokens at the top-k boundary and route some differently from the fp32 gate (E
+    columns: free). The gate runs in its weights' dtype (fp32 when training under autocast), as a module
+    call so that its hooks see it."""
+    device_type = summary.device.type
+    off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+    with off:
+        return gate(summary.to(gate.weight.dtype)).float() / temperature
+
+
+def even_routed_swiglu(
+    x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, _: None, w2: torch.Tensor
+) -> torch.Tensor:
+    """``routed_swiglu``'s shapes and GEMMs on the meta device, the N * k rows split evenly among experts.
+
+    ``python -m model.info`` measures activations on meta tensors, which have no values to route
+    by (the reference sizes its per-expert blocks from the routing on the host). The saved tensors
+    depend on the number of rows, not on which expert gets them, so an even split saves what any
+    routing would. x: [N, D], idx: [N, k], w13 packed [E, D, 2F] -> [N, k, D] (meta).
+    """
+    w1, w3 = w13.split(w2.shape[1], dim=-1)
+    n_tokens, top_k = idx.shape
+    rows = x.float().repeat_interleave(top_k, dim=0)  # [N * k, D]
+    blocks = rows.tensor_split(w1.shape[0])
+    out = torch.cat([(F.silu(r @ w1[e].float()) * (r @ w3[e].float())) @ w2[e].float() for e, r in enumerate(blocks)])
+    return out.view(n_tokens, top_k, -1).to(x.dtype)

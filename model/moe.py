@@ -10,12 +10,18 @@ the same initialisation, optimiser groups and checkpoint tooling apply to both.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import moc_kernels as mk
 from model.config import ModelConfig
-from model.moc import MoCOutput, autocast_operands, expert_fractions, switch_balance_loss
+from model.moc import (
+    MoCOutput,
+    autocast_operands,
+    even_routed_swiglu,
+    expert_fractions,
+    gate_logits,
+    switch_balance_loss,
+)
 
 
 class TopKMoEModule(nn.Module):
@@ -43,7 +49,7 @@ class TopKMoEModule(nn.Module):
         """
         batch, seq, dim = x.shape
         tokens = x.reshape(batch * seq, dim)
-        route_logits = self.gate(tokens).float() / self.temperature  # [N, E] fp32: softmax/top-k precision
+        route_logits = gate_logits(self.gate, tokens, self.temperature)  # [N, E] fp32, autocast off
         top_logits, top_idx = route_logits.topk(self.top_k, dim=-1)  # [N, k]
         top_weights = torch.softmax(top_logits, dim=-1)
         log_probs = torch.log_softmax(route_logits, dim=-1)
@@ -51,7 +57,7 @@ class TopKMoEModule(nn.Module):
 
         # Sparse compute: slot j of token n is SwiGLU_{idx[n, j]}(x[n]) only, never the other E - k.
         tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
-        routed = _even_routed_swiglu if tokens.is_meta else mk.routed_swiglu
+        routed = even_routed_swiglu if tokens.is_meta else mk.routed_swiglu
         slots = routed(tokens, top_idx, w13, None, w2)  # [N, k, D]; w13 packed: one gradient, no slices
         combined = (top_weights.unsqueeze(-1) * slots.float()).sum(dim=1)
         out = combined.to(x.dtype).view(batch, seq, dim)
@@ -61,21 +67,3 @@ class TopKMoEModule(nn.Module):
         router_entropy = -(probs * log_probs).sum(dim=-1).mean()
         no_diversity = balance_loss.new_zeros(())
         return MoCOutput(out, balance_loss, no_diversity, expert_load.detach(), router_entropy.detach(), None)
-
-
-def _even_routed_swiglu(
-    x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, _: None, w2: torch.Tensor
-) -> torch.Tensor:
-    """``routed_swiglu``'s shapes and GEMMs on the meta device, the N * k rows split evenly among experts.
-
-    ``python -m model.info`` measures activations on meta tensors, which have no values to route
-    by (the reference sizes its per-expert blocks from the routing on the host). The saved tensors
-    depend on the number of rows, not on which expert gets them, so an even split saves what any
-    routing would. x: [N, D], idx: [N, k], w13 packed [E, D, 2F] -> [N, k, D] (meta).
-    """
-    w1, w3 = w13.split(w2.shape[1], dim=-1)
-    n_tokens, top_k = idx.shape
-    rows = x.float().repeat_interleave(top_k, dim=0)  # [N * k, D]
-    blocks = rows.tensor_split(w1.shape[0])
-    out = torch.cat([(F.silu(r @ w1[e].float()) * (r @ w3[e].float())) @ w2[e].float() for e, r in enumerate(blocks)])
-    return out.view(n_tokens, top_k, -1).to(x.dtype)

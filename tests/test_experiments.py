@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -22,8 +23,16 @@ from model.info import flops_per_token
 from model.lm import LunarisLM
 
 REPO = Path(__file__).resolve().parent.parent
-# Claim 1's arms in every shipped config (issue 20): the baselines the claim needs and MoC's two ablations.
+# Claim 1's arms in every shipped config (issue 20): the baselines the claim needs and MoC's two ablations,
+# then (issue 28) MoC at a top-k MoE's cost, at MoC's E/k/F and at its FLOPs; the CPU run and the smoke run
+# also keep the no-collaboration ablation as first run (it removed the RMSNorm before Wo too).
 SEVEN_ARMS = ["dense", "moc", "dense_iso_flops", "moe", "moe_iso_flops", "moc_no_context", "moc_no_collab"]
+SPARSE_ARMS = ["moc_sparse", "moc_sparse_iso_flops", "moc_preview", "moc_preview_iso_flops"]
+ARMS = {
+    "cpu.yaml": SEVEN_ARMS + ["moc_no_collab_v1"] + SPARSE_ARMS,
+    "smoke.yaml": SEVEN_ARMS + ["moc_no_collab_v1"] + SPARSE_ARMS,
+    "gpu.yaml": SEVEN_ARMS + SPARSE_ARMS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,7 @@ def test_smoke_claim1_every_arm_and_seed(smoke):
     out, results = smoke
     cfg = load_experiment(SMOKE_CONFIG)
     arms = results["claim1"]["arms"]
-    assert list(arms) == list(cfg["arms"]) == SEVEN_ARMS
+    assert list(arms) == list(cfg["arms"]) == ARMS["smoke.yaml"]
     for name, arm in arms.items():
         assert arm["seeds"] == cfg["seeds"], name
         assert len(arm["val_ppl"]) == len(cfg["seeds"])
@@ -61,8 +70,10 @@ def test_smoke_claim1_every_arm_and_seed(smoke):
         "moe_iso_flops": "moe",
         "moc_no_context": "moc",
         "moc_no_collab": "moc",
-    }
-    for iso, base in (("dense_iso_flops", "dense"), ("moe_iso_flops", "moe")):
+        "moc_no_collab_v1": "moc",
+    } | dict.fromkeys(SPARSE_ARMS, "moc_sparse")
+    pairs = (("dense_iso_flops", "dense"), ("moe_iso_flops", "moe"))
+    for iso, base in pairs + (("moc_sparse_iso_flops", "moc_sparse"), ("moc_preview_iso_flops", "moc_preview")):
         assert abs(arms[iso]["forward_flops_per_token"] / moc["forward_flops_per_token"] - 1) < 0.05, iso
         assert arms[iso]["ffn_hidden"] > arms[base]["ffn_hidden"], iso
     # MoE at MoC's E/k/F: the same expert weights, k/E of the expert FLOPs, fewer active than total parameters.
@@ -74,6 +85,15 @@ def test_smoke_claim1_every_arm_and_seed(smoke):
         a = arms[name]
         assert a[switch] is False and moc[switch] is True, name
         assert a["parameters"] < moc["parameters"] and a["forward_flops_per_token"] < moc["forward_flops_per_token"]
+    # The corrected ablation keeps RMSNorm(S) (one weight vector per layer more than the first one).
+    keeps, first = arms["moc_no_collab"], arms["moc_no_collab_v1"]
+    assert keeps["ablation_keeps_norm"] is True and first["ablation_keeps_norm"] is False
+    assert keeps["parameters"] - first["parameters"] == 32  # the RMSNorm's weight, D = 32, in the one layer
+    # Sparse MoC: k of the E experts, so fewer FLOPs than MoC and fewer active than total parameters.
+    for name in ("moc_sparse", "moc_preview"):
+        a = arms[name]
+        assert a["forward_flops_per_token"] < moc["forward_flops_per_token"] and a["ffn_hidden"] == moc["ffn_hidden"]
+        assert a["active_parameters"] < a["parameters"]
 
 
 def test_smoke_claim2_every_text_and_strategy(smoke):
@@ -107,8 +127,15 @@ def test_smoke_results_md_has_every_row(smoke):
     summary = md.split("## Summary")[1].split("## Setup")[0]
     for other in ("dense", "dense_iso_flops", "moe", "moe_iso_flops"):
         assert f"`{other}` at " in summary, other
-    for name in ("moc_no_context", "moc_no_collab"):
+    for name in ("moc_no_context", "moc_no_collab", "moc_no_collab_v1"):
         assert f"(`{name}`), MoC's val PPL was" in summary and "difference of means" in summary, name
+    assert "the RMSNorm before `Wo` (the ablation as first run" in summary
+    # Each sparse arm's verdicts against the dense and MoE arms, at equal tokens and at MoC's FLOPs.
+    for name in SPARSE_ARMS:
+        assert f"(`{name}`, at MoC's" in summary, name
+        for other in ("dense", "moe", "dense_iso_flops", "moe_iso_flops"):
+            assert f"| `{name}` | `{other}` |" in md, (name, other)
+    assert "| `moc_preview` | `moc_sparse` |" in md and "| `moc_preview_iso_flops` | `moc_sparse_iso_flops` |" in md
     assert "Wall time per run (mean over seeds, this machine): `dense`" in md
     for label in results["claim2"]["evaluations"]:
         section = md.split(f"### Held-out text: {label} ")[1].split("###")[0]
@@ -126,13 +153,47 @@ def test_smoke_reuse_reads_back_identical_runs(smoke, capsys):
     again = out / "again"
     assert exp_run.main(["--smoke", "--out-dir", str(out), "--results-dir", str(again), "--reuse"]) == 0
     log = capsys.readouterr().out
-    runs = len(SEVEN_ARMS) * len(results["config"]["seeds"]) + 2  # claim 1, then the two domain models
+    runs = len(ARMS["smoke.yaml"]) * len(results["config"]["seeds"]) + 2  # claim 1, then the two domain models
     assert "[train]" not in log and log.count("--reuse: keeping the finished run") == runs
     second = json.loads((again / "results.json").read_text())
     assert second["claim1"]["arms"] == results["claim1"]["arms"]
     for label, ev in results["claim2"]["evaluations"].items():
         for s, v in ev["strategies"].items():
             assert second["claim2"]["evaluations"][label]["strategies"][s]["ppl"] == pytest.approx(v["ppl"]), (label, s)
+
+
+def test_arms_trains_only_those_and_keeps_the_others_runs_by_their_model_keys(smoke, tmp_path, capsys):
+    """``--arms``: only the named arms train; the others' runs come from results.json under the arm whose
+    model keys they were trained with, read with their meaning then: results written before issue 28 called
+    the first no-collaboration ablation ``moc_no_collab`` (no ablation_keeps_norm key)."""
+    out, results = smoke
+    old = json.loads(json.dumps(results))
+    v1 = old["claim1"]["arms"].pop("moc_no_collab_v1")
+    del old["claim1"]["arms"]["moc_no_collab"]
+    v1["model"].pop("ablation_keeps_norm")
+    old["claim1"]["arms"]["moc_no_collab"] = v1
+    old["claim1"]["runs"] = [
+        r | {"arm": "moc_no_collab"} if r["arm"] == "moc_no_collab_v1" else r
+        for r in old["claim1"]["runs"]
+        if r["arm"] != "moc_no_collab"
+    ]
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    (merged_dir / "results.json").write_text(json.dumps(old))
+    argv = ["--smoke", "--out-dir", str(out), "--results-dir", str(merged_dir), "--reuse", "--arms", "moc_no_collab"]
+    assert exp_run.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "claim 1: training moc_no_collab seed" in log and "training moc_sparse" not in log
+    merged = json.loads((merged_dir / "results.json").read_text())
+    arms = merged["claim1"]["arms"]
+    assert list(arms) == ARMS["smoke.yaml"] and merged["reused"]["arms_trained"] == ["moc_no_collab"]
+    assert arms["moc_no_collab_v1"]["val_ppl"] == results["claim1"]["arms"]["moc_no_collab_v1"]["val_ppl"]
+    assert arms["moc_no_collab_v1"]["reused_from_arm"] == "moc_no_collab"
+    assert arms["moc_no_collab"]["val_ppl"] == results["claim1"]["arms"]["moc_no_collab"]["val_ppl"]
+    assert merged["claim2"] == results["claim2"]
+    assert "relabelled: `moc_no_collab` as `moc_no_collab_v1`" in (merged_dir / "RESULTS.md").read_text()
+    assert exp_run.main(["--smoke", "--out-dir", str(out), "--results-dir", str(merged_dir), "--arms", "nope"]) == 2
+    assert "--arms: unknown arm(s) nope" in capsys.readouterr().err
 
 
 def test_report_without_matplotlib_writes_the_tables_and_says_so(smoke, tmp_path, monkeypatch, capsys):
@@ -158,8 +219,35 @@ def test_report_without_matplotlib_writes_the_tables_and_says_so(smoke, tmp_path
         {"n_experts": 4, "top_k": 2, "router_context": False},
         {"n_experts": 4, "top_k": 2, "collaboration": False},
         {"n_experts": 4, "top_k": 2, "router_context": False, "collaboration": False},
+        {"n_experts": 4, "top_k": 2, "collaboration": False, "ablation_keeps_norm": False},
+        {"n_experts": 4, "top_k": 2, "ffn": "moc_sparse", "router_context": False},
+        {"n_experts": 4, "top_k": 2, "ffn": "moc_sparse", "router_context": False, "collaboration": False},
+        {"n_experts": 3, "top_k": 2, "ffn": "moc_sparse", "router_context": "preview", "preview_width": 8},
+        {
+            "n_experts": 4,
+            "top_k": 3,
+            "ffn": "moc_sparse",
+            "router_context": "preview",
+            "preview_hidden": 5,
+            "preview_width": 12,
+            "preview_heads": 3,
+        },
     ],
-    ids=["dense", "moc", "moc-gqa-k1", "moe", "moe-k=E", "moc-no-context", "moc-no-collab", "moc-neither"],
+    ids=[
+        "dense",
+        "moc",
+        "moc-gqa-k1",
+        "moe",
+        "moe-k=E",
+        "moc-no-context",
+        "moc-no-collab",
+        "moc-neither",
+        "moc-no-collab-v1",
+        "sparse",
+        "sparse-no-collab",
+        "preview",
+        "preview-r5-p12-h3",
+    ],
 )
 def test_flops_match_flop_counter(keys):
     """model.info's count equals torch's count of every matrix product in a real forward.
@@ -184,16 +272,25 @@ def test_flops_match_flop_counter(keys):
     assert train_flops_per_token(config, 16) == 3 * analytic["total"]
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+ISO_BASES = {
+    "dense": {"n_experts": 0},
+    "moe": {"ffn": "moe"},
+    "sparse": {"ffn": "moc_sparse", "router_context": False},
+    "preview": {"ffn": "moc_sparse", "router_context": "preview", "preview_width": 16},  # r = F/16 widens too
+}
+
+
+@pytest.mark.parametrize("kind", list(ISO_BASES))
 def test_iso_flop_width_matches_moc_within_one_width_step(kind):
     moc = ModelConfig(d_model=128, n_layers=2, n_heads=4, vocab_size=2048, multiple_of=32, max_seq_len=128, n_experts=4)
-    base = moc.dense_baseline() if kind == "dense" else ModelConfig(**(moc.to_dict() | {"ffn": "moe"}))
+    base = ModelConfig(**(moc.to_dict() | ISO_BASES[kind]))
     wide = iso_flop_width(moc, base)
     assert wide.ffn == base.ffn and wide.n_experts == base.n_experts and wide.ffn_hidden % wide.multiple_of == 0
     assert wide.ffn_hidden > base.ffn_hidden
     want = flops_per_token(moc)["total"]
-    experts_run = base.top_k if kind == "moe" else 1
-    step = 2 * 3 * wide.d_model * wide.n_layers * wide.multiple_of * experts_run  # FLOPs of one multiple_of of F
+    # FLOPs of one multiple_of of F (with the preview's r = F/16 that follows it)
+    one_step = dataclasses.replace(wide, ffn_hidden_multiplier=(wide.ffn_hidden + 31.5) * 3 / 256)
+    step = flops_per_token(one_step)["total"] - flops_per_token(wide)["total"]
     assert abs(flops_per_token(wide)["total"] - want) <= step / 2
     with pytest.raises(ValueError, match="dense or MoE base"):
         iso_flop_width(moc, moc)
@@ -231,14 +328,15 @@ def test_arm_roles_finds_moc_its_baselines_and_ablations():
     arms = {}
     for name, k in keys.items():
         mc = ModelConfig.from_dict(k)
-        kind = "moc" if mc.is_moc else "moe" if mc.is_moe else "dense"
+        kind = "moc" if mc.is_moc else "moe" if mc.is_moe else "moc_sparse" if mc.is_moc_sparse else "dense"
         arms[name] = {"ffn_kind": kind, "is_moc": mc.is_moc, "router_context": mc.router_context}
         arms[name] |= {"collaboration": mc.collaboration, "matches_flops_of": cfg["arms"][name].get("match_flops_of")}
     roles = arm_roles(arms)
     assert roles["moc"] == "moc"
     assert [n for n, _ in roles["same_tokens"]] == ["dense", "moe"]
     assert [n for n, _ in roles["iso_flops"]] == ["dense_iso_flops", "moe_iso_flops"]
-    assert roles["ablations"] == ["moc_no_context", "moc_no_collab"]
+    assert roles["ablations"] == ["moc_no_context", "moc_no_collab", "moc_no_collab_v1"]
+    assert roles["sparse"] == SPARSE_ARMS
 
 
 def test_split_held_out_is_deterministic_and_two_sided():
@@ -290,7 +388,7 @@ def test_shipped_configs_are_valid(name):
     cfg = load_experiment(CONFIG_DIR / name)
     check_runs(cfg)
     keys = arm_model_keys(cfg)
-    assert list(keys) == SEVEN_ARMS
+    assert list(keys) == ARMS[name]
     assert cfg["seeds"] == ([1, 2] if name == "smoke.yaml" else [1, 2, 3])
     if name != "smoke.yaml":  # the real runs never write their results into out/
         assert not str(cfg["results_dir"]).startswith("out")

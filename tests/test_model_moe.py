@@ -37,7 +37,11 @@ VARIANTS = {
     "moe": {"ffn": "moe"},
     "no_context": {"router_context": False},
     "no_collab": {"collaboration": False},
+    # MoC at a top-k MoE's cost (DESIGN §2c, issue 28): the k routed experts, token or preview router
+    "sparse": {"ffn": "moc_sparse", "router_context": False},
+    "preview": {"ffn": "moc_sparse", "router_context": "preview", "preview_width": 16, "preview_heads": 2},
 }
+COLLABORATING = ("no_context", "sparse", "preview")  # the variants that still have collab attention
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -114,7 +118,7 @@ def test_moe_initialisation_is_mocs():
 
 
 def _expected_ablation(layer: CollaborativeExpertsModule, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN §2b by hand: route on s = x (router_context: false) and/or out = (sum_j w_j S_j) Wo (no collab)."""
+    """DESIGN §2b by hand: route on s = x (router_context: false) and/or (sum_j w_j RMSNorm(S)_j) Wo (no collab)."""
     tokens = x.reshape(-1, x.shape[-1])
     hidden = layer.hidden
     w1, w3 = layer.w13[..., :hidden], layer.w13[..., hidden:]
@@ -130,6 +134,8 @@ def _expected_ablation(layer: CollaborativeExpertsModule, x: torch.Tensor) -> to
         context, _ = layer.collab_attn(selected)
         refined = layer.collab_norm(context + selected)
         selected = refined + layer.collab_ffn(refined)
+    else:  # collaboration: false keeps step 5's RMSNorm (issue 28)
+        selected = layer.collab_norm(selected)
     combined = (torch.softmax(top, dim=-1).unsqueeze(-1) * selected).sum(dim=1)
     return layer.out_proj(combined).view_as(x)
 
@@ -164,7 +170,7 @@ def test_ablations_compute_design_2b_and_drop_their_modules(switches):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"ffn": "moee"}, "'ffn' must be one of moc, moe, got 'moee' (did you mean 'moe'?)"),
+        ({"ffn": "moee"}, "'ffn' must be one of moc, moe, moc_sparse, got 'moee' (did you mean 'moe'?)"),
         ({"ffn": "moe", "n_experts": 0}, "ffn: moe needs n_experts >= 1"),
         ({"ffn": "moe", "n_experts": None}, "ffn: moe needs n_experts >= 1"),
         ({"ffn": "moe", "top_k": 5}, "top_k=5 must be <= n_experts=4"),
@@ -173,6 +179,19 @@ def test_ablations_compute_design_2b_and_drop_their_modules(switches):
         ({"ffn": "moe", "collaboration": False}, "'collaboration' is a MoC ablation; it cannot be false on an MoE"),
         ({"n_experts": 0, "router_context": False}, "cannot be false on a dense model"),
         ({"collaboration": "no"}, "'collaboration' must be true or false"),
+        ({"ffn": "moc_sparse"}, "its router cannot read all E expert outputs (router_context: true)"),
+        ({"router_context": "preview"}, "router_context: preview is the router of ffn: moc_sparse"),
+        ({"router_context": "previews"}, "'router_context' must be true, false or preview"),
+        (
+            {"ffn": "moc_sparse", "router_context": "preview", "preview_hidden": 177},
+            "preview_hidden=177 must be <= the expert hidden size F=176",
+        ),
+        (
+            {"ffn": "moc_sparse", "router_context": "preview", "preview_width": 64, "preview_heads": 3},
+            "preview_width=64 must be divisible by preview_heads=3",
+        ),
+        ({"ffn": "moe", "ablation_keeps_norm": False}, "'ablation_keeps_norm' is a MoC ablation"),
+        ({"ablation_keeps_norm": False}, "'ablation_keeps_norm' applies to collaboration: false only"),
     ],
 )
 def test_bad_ffn_keys_raise_one_clear_error(overrides, message):
@@ -224,7 +243,7 @@ def test_lm_stats_and_kv_cache(variant):
     lm = LunarisLM(tiny(**VARIANTS[variant])).eval()
     ids = torch.randint(0, VOCAB, (2, 12))
     out = lm(ids, ids)
-    collab = variant == "no_context"  # the only one of the three that still collaborates
+    collab = variant in COLLABORATING
     expected = {"expert_load", "router_entropy", "balance_loss"} | (
         {"collab_entropy", "diversity_loss"} if collab else set()
     )
@@ -337,7 +356,10 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
     raw = tiny_raw(data_dir, tmp_path / "full", variant, model={"dropout": 0.1})
     full = train(config_from_dict(raw), progress=False)
     record = next(r for r in full.history if "loss/main" in r)
-    assert len(record["layer0/expert_load"]) == 4 and ("layer0/collab_entropy" in record) == (variant == "no_context")
+    assert len(record["layer0/expert_load"]) == 4 and ("layer0/collab_entropy" in record) == (variant in COLLABORATING)
+    if variant in COLLABORATING:  # per-layer router and collab entropies, logged as for MoC
+        entropies = record["layer0/router_entropy"], record["layer0/collab_entropy"]
+        assert 0 < entropies[0] <= math.log(4) + 1e-6 and 0 <= entropies[1] <= math.log(2) + 1e-6, entropies
 
     class Interrupt(Exception):
         pass
@@ -356,9 +378,15 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
 # The MoE under both wrappings; each ablation under one (DDP: the unused-parameter case a dropped
 # module would hit; FSDP2: the sharding of the layer's remaining parameters), to keep the suite short.
 GLOO_CASES = [("moe", "ddp"), ("moe", "fsdp"), ("no_context", "fsdp"), ("no_collab", "ddp")]
+# Issue 28: each wrapping runs one sparse-MoC variant (slow: ~20-30 s each on an idle 2-core VM, 2 processes)
+GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp")]
 
 
-@pytest.mark.parametrize(("variant", "mode"), GLOO_CASES, ids=[f"{v}-{m}" for v, m in GLOO_CASES])
+@pytest.mark.parametrize(
+    ("variant", "mode"),
+    [pytest.param(v, m, marks=[pytest.mark.slow] if v in ("sparse", "preview") else []) for v, m in GLOO_CASES],
+    ids=[f"{v}-{m}" for v, m in GLOO_CASES],
+)
 def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, variant, mode):
     """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
     model = {"aux_loss_weight": 0.0}
@@ -382,10 +410,10 @@ def test_cli_trains_exports_and_loads(data_dir, tmp_path, variant):
 
     raw = tiny_raw(data_dir, tmp_path / "out", "moc", max_steps=2, export_hf=True)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    ((key, value),) = VARIANTS[variant].items()
-    assert train_main([str(tmp_path / "run.yaml"), "--no-progress", "--set", f"model.{key}={str(value).lower()}"]) == 0
+    sets = [a for key, value in VARIANTS[variant].items() for a in ("--set", f"model.{key}={str(value).lower()}")]
+    assert train_main([str(tmp_path / "run.yaml"), "--no-progress", *sets]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf").eval()
-    assert getattr(hf.model.config, key) == value
+    assert all(getattr(hf.model.config, key) == value for key, value in VARIANTS[variant].items())
     ckpt = torch.load(next((tmp_path / "out" / "checkpoints").glob("*.pt")), weights_only=False)
     lm = LunarisLM(ModelConfig.from_dict(ckpt["config"]["model_config"]))
     lm.load_state_dict(ckpt["model"])
