@@ -51,7 +51,11 @@ def test_compile_report_summary_command():
 
 
 def test_kotara_demo_then_the_command_it_prints(tmp_path):
-    """``python -m kotara.demo DIR`` (small models), then the ``kotara.py`` command it prints, as printed."""
+    """``python -m kotara.demo DIR`` (small models), then the ``kotara.py`` command it prints, as printed.
+
+    At 64 positions the printed ``--max_length 1024`` exceeded the models' positions (IndexError in GPT-2's
+    position embedding): the demo must print a command its own models can run.
+    """
     demo = tmp_path / "demo"
     out = run_command(
         f"python -m kotara.demo {demo} --vocab 64 --words 300 --n_layer 1 --n_embd 16 --n_head 2 --n_positions 64"
