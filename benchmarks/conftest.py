@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.shapes import BenchShape, shape_for
+from benchmarks.timing import SMOKE_ENV, smoke
 
 CPU_THREADS_ENV = "BENCH_CPU_THREADS"
 STREAM_ENV = "BENCH_STREAM"
@@ -45,7 +46,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     else:
         threads = os.environ.get(CPU_THREADS_ENV, "1")
         where = f"CPU only ({cpu_model_name()}, {threads} torch threads): Triton cases are skipped"
-    return [f"benchmarks on {where}; shape {shape_for(torch.device('cuda' if cuda else 'cpu')).describe()}"]
+    lines = [f"benchmarks on {where}; shape {shape_for(torch.device('cuda' if cuda else 'cpu')).describe()}"]
+    if smoke():
+        lines.append(f"{SMOKE_ENV}=1: each case runs once, no warm-up: a check that every benchmark works, not timings")
+    return lines
 
 
 def _stream(record: dict) -> None:

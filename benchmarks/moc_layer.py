@@ -22,7 +22,7 @@ from benchmarks.shapes import BenchShape
 
 
 def init_params(shape: BenchShape, device: torch.device | str, requires_grad: bool = True) -> dict[str, torch.Tensor]:
-    """Random parameters of one MoC layer, in ``shape.dtype``; w1/w3 are views of one packed [E, D, 2F]."""
+    """Random parameters of one MoC layer, in ``shape.dtype``; ``w13`` is w1 and w3 packed as one [E, D, 2F]."""
     D, E, F_, dtype = shape.dim, shape.experts, shape.hidden, shape.dtype
 
     def rand(*size: int, fan_in: int) -> torch.Tensor:
@@ -51,9 +51,17 @@ def init_params(shape: BenchShape, device: torch.device | str, requires_grad: bo
     return params
 
 
-def per_expert_loop_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``expert_swiglu`` as a Python loop over experts: x [N, D] -> Y [N, E, D] in x's dtype."""
-    outputs = [(F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e] for e in range(w1.shape[0])]
+def per_expert_loop_swiglu(
+    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
+) -> torch.Tensor:
+    """``expert_swiglu`` as a Python loop over experts: x [N, D] -> Y [N, E, D] in x's dtype.
+
+    Same signature as ``moc_kernels.expert_swiglu``: w1/w3 [E, D, F], or ``w3=None`` and w1 the packed
+    w13 [E, D, 2F] (gate = w13[..., :F], up = w13[..., F:]), which is how the model calls it.
+    """
+    if w3 is None:
+        w1, w3 = w1.split(w2.shape[1], dim=-1)
+    outputs = [(F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e] for e in range(w2.shape[0])]
     return torch.stack(outputs, dim=1)
 
 
@@ -84,9 +92,8 @@ def moc_layer(
     ``loop_experts`` computes step 1 with :func:`per_expert_loop_swiglu` instead of ``expert_swiglu``.
     """
     E, k, H = shape.experts, shape.top_k, shape.heads
-    w1, w3 = params["w13"].split(shape.hidden, dim=-1)
     swiglu = per_expert_loop_swiglu if loop_experts else moc_kernels.expert_swiglu
-    expert_outputs = swiglu(x, w1, w3, params["w2"])  # [N, E, D]
+    expert_outputs = swiglu(x, params["w13"], None, params["w2"])  # [N, E, D]; w13 packed, as in the model
 
     # Router contextualisation: attention among the E expert outputs of each token.
     attended, _ = _attention_block(expert_outputs, params["router_qkv"], params["router_out"], H)

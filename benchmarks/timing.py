@@ -5,12 +5,17 @@ warm-up, cycling through several input sets so no call reuses the previous one's
 pytest-benchmark stats of the same case (a few synchronised rounds) are kept too, but the summary
 reads ``extra_info["median_ms"]``. CPU: pytest-benchmark's own rounds (``time.perf_counter``) after
 one warm-up call (10 to 30 rounds, about 1 s per case), again cycling through the input sets.
+
+``BENCH_SMOKE=1`` (what CI sets: ``BENCH_SMOKE=1 pytest benchmarks/ --benchmark-only``): every case
+runs its timed function exactly once, with no warm-up and no CUDA timer, so a broken benchmark fails
+fast; its "median" is that one call, labelled so, and is not a figure to report.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import os
 import platform
 import subprocess
 import time
@@ -20,6 +25,13 @@ from typing import Any
 import torch
 
 CPU_MIN_ROUNDS, CPU_MAX_ROUNDS, CPU_TARGET_S = 10, 30, 1.0
+SMOKE_ENV = "BENCH_SMOKE"
+SMOKE_TIMER = "smoke run (BENCH_SMOKE=1): one call, not a timing"
+
+
+def smoke() -> bool:
+    """Whether ``BENCH_SMOKE`` asks for the smoke mode (each case run once: CI's check that it works)."""
+    return os.environ.get(SMOKE_ENV, "") not in ("", "0")
 
 
 @functools.cache
@@ -68,6 +80,13 @@ def measure(
     benchmark.extra_info.update(machine_info(device))
     benchmark.extra_info["tokens"] = tokens
     benchmark.extra_info["input_sets"] = len(input_sets)
+    if smoke():
+        benchmark.pedantic(call, rounds=1, warmup_rounds=0, iterations=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        benchmark.extra_info["median_ms"] = float(benchmark.stats.stats.median * 1e3)
+        benchmark.extra_info["timer"] = SMOKE_TIMER
+        return
     if device.type == "cuda":
         import triton.testing
 
