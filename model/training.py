@@ -115,7 +115,7 @@ def check_run_paths(cfg: TrainConfig, resume: bool, overwrite: bool, dist_info: 
     export_there = (out / HF_DIR).is_dir() and any((out / HF_DIR).iterdir())
     if not resume and (earlier or export_there):
         if not overwrite:
-            held = f"checkpoints up to {earlier[-1].name}" if earlier else "a Hugging Face export (hf/)"
+            held = f"checkpoints (up to {earlier[-1].name})" if earlier else "Hugging Face export (hf/)"
             raise ConfigError(
                 f"out_dir {str(out)!r} holds another run's {held}: continue that run with --resume, "
                 "start afresh there with --overwrite (deletes its checkpoints, metrics and hf/), "
