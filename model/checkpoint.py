@@ -201,6 +201,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def state_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """How a model state dict differs from a model's (``expected``): missing and unexpected keys, shapes; or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing (first {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of another shape (first {k!r}: {list(state[k].shape)} here, "
+            f"{list(expected[k].shape)} in the model)"
+        )
+    return "; ".join(parts) or None
+
+
 def _structure_problem(ckpt: Any) -> str | None:
     """What is missing or of the wrong type in a loaded checkpoint, or None when it has the expected shape."""
     if not isinstance(ckpt, dict):
@@ -337,6 +356,9 @@ class RunCheckpointer:
         """
         ckpt = load_checkpoint(path, map_location="cpu")
         self._refuse_other_model(ckpt, path)
+        mismatch = state_mismatch(ckpt["model"], self.raw_model.state_dict())
+        if mismatch:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model: {mismatch}")
         if "optimizer" not in ckpt:
             self._fit(path, lambda: self._load_model_state(ckpt["model"]))
             return None
@@ -365,8 +387,8 @@ class RunCheckpointer:
         try:
             load()
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {first[:300]}") from None
+            said = " ".join(str(e).split()) or type(e).__name__  # the whole message, on one line
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {said}") from None
 
     def _refuse_other_run_keys(self, ckpt: dict[str, Any], path: Path) -> None:
         """ConfigError naming the trajectory keys that differ from the checkpoint's (a warning when allowed)."""

@@ -66,7 +66,7 @@ def _export_only(cfg) -> int:
     """Export the newest intact checkpoint (damaged newer ones are skipped and named); exit code."""
     from pathlib import Path
 
-    from model.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+    from model.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, state_mismatch
     from model.lm import LunarisLM
     from model.outputs import ensure_writable_dir
     from model.train_config import build_model_config
@@ -84,14 +84,14 @@ def _export_only(cfg) -> int:
     for ckpt_path in reversed(found):
         try:
             ckpt = load_checkpoint(ckpt_path)
-            lm.load_state_dict(ckpt["model"])
         except CheckpointError as e:
             skipped.append(str(e))
             continue
-        except RuntimeError as e:  # load_state_dict: keys or shapes of another model
-            first = str(e).strip().splitlines()[0]
-            skipped.append(f"checkpoint {str(ckpt_path)!r} does not fit the config's model: {first[:300]}")
+        mismatch = state_mismatch(ckpt["model"], lm.state_dict())
+        if mismatch:
+            skipped.append(f"checkpoint {str(ckpt_path)!r} does not fit the config's model: {mismatch}")
             continue
+        lm.load_state_dict(ckpt["model"])
         for reason in skipped:
             print(f"--export-only: skipped a damaged checkpoint: {reason}", file=sys.stderr)
         print(f"exported {ckpt_path} to {export(lm, cfg.out_dir, cfg.data_dir)}")

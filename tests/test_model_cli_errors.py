@@ -407,7 +407,8 @@ ROWS = [
         "resume-newest-other-weights",
         lambda c: _resume_after(c, 2, "other-model"),
         0,
-        r"step_00000002\.pt' does not fit this run: .*state_dict",
+        r"step_00000002\.pt' does not fit this run's model: \d+ key\(s\) missing \(first 'tok_embeddings\.weight'\); "
+        r"1 unexpected key\(s\) \(first 'w'\)",
         check=_resumed_from_step_1,
     ),
     Row(
