@@ -62,6 +62,12 @@ class MetricsSink:
         self._bar = None
         if dist_info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not keep_earlier and path.is_file() and path.stat().st_size:
+                # Lines of a run that never checkpointed (killed before its first save): not this run's
+                # history, but not to be lost either.
+                aside = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.earlier.jsonl")
+                os.replace(path, aside)
+                dist_info.say(f"[train] {path} held lines of an earlier start; moved to {aside}")
             _atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.history))
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             self._wandb_run = _start_wandb(cfg, dist_info, resume=checkpoint_loaded)

@@ -189,6 +189,16 @@ def _overwritten(ctx, out: str) -> None:
     assert (run / "NOTES.md").read_text() == "mine"
 
 
+def _killed_before_first_save(ctx) -> list[str]:
+    _write(ctx, "out/metrics.jsonl", '{"step": 0, "val/loss": 5.5}\n')
+    return _set(ctx, "max_steps=1")
+
+
+def _earlier_lines_kept(ctx, out: str) -> None:
+    (aside,) = (ctx.tmp / "out").glob("metrics.*.earlier.jsonl")
+    assert aside.read_text() == '{"step": 0, "val/loss": 5.5}\n'
+
+
 def _shard_with_large_id(ctx) -> list[str]:
     shard = ctx.tmp / "data" / "train_00000.bin"
     ids = np.fromfile(shard, dtype=np.uint16)
@@ -438,6 +448,13 @@ ROWS = [
         0,
         r"4 malformed line\(s\) \(line 2, 3, 4, 5\) set aside in .*metrics\.rejected\.jsonl",
         check=_metrics_kept,
+    ),
+    Row(
+        "fresh-run-after-a-start-killed-before-its-first-save",
+        _killed_before_first_save,
+        0,
+        r"metrics\.jsonl held lines of an earlier start; moved to .*metrics\.\d{8}-\d{6}\.earlier\.jsonl",
+        check=_earlier_lines_kept,
     ),
     Row(
         "resume-removes-orphan-temporary",
