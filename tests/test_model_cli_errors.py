@@ -476,6 +476,7 @@ def test_train_bad_input(row: Row, ctx, capsys):
                 path.chmod(0o700)
 
 
+@pytest.mark.slow  # a subprocess: the imports alone take ~8 s
 def test_the_real_entry_point(template: Path, tmp_path: Path):
     """One row through ``python train_moe.py``: a NaN hyperparameter, exit 2, one line, nothing written."""
     cfg = tmp_path / "cfg.yaml"

@@ -202,6 +202,7 @@ def test_convert_bad_input(row: Row, ctx, capsys):
             (ctx.tmp / "ro").chmod(0o700)
 
 
+@pytest.mark.slow  # a subprocess: the imports alone take ~8 s
 def test_the_real_entry_point(tmp_path: Path):
     """One row through ``python -m model.convert_original``: a text file, named and described, no traceback."""
     (tmp_path / "note.pt").write_text("hello, this is not a model\n")

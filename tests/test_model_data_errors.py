@@ -233,6 +233,7 @@ def test_prepare_bad_input(row: Row, ctx, capsys):
         (ctx.tmp / "data").chmod(0o700)
 
 
+@pytest.mark.slow  # a subprocess: the imports alone take ~8 s
 def test_the_real_entry_point(template: Path, tmp_path: Path):
     """One row through ``python -m model.data``: exit 2, one line, no traceback, the data unchanged."""
     from cli_error_table import tree_hashes
