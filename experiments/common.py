@@ -188,7 +188,9 @@ def train_or_reuse(run_cfg, reuse: bool) -> dict[str, Any]:
         if saved.get("config") == json.loads(json.dumps(run_cfg.to_dict())) and hf_ok:
             log(f"--reuse: keeping the finished run in {run_cfg.out_dir}")
             return saved
-    result = train(run_cfg, progress=False)
+    # A run recomputed here replaces whatever an earlier experiment left in its out_dir (train refuses that
+    # without overwrite, so that a user's run is never overwritten by mistake).
+    result = train(run_cfg, progress=False, overwrite=True)
     summary = {
         "config": run_cfg.to_dict(),
         "val_loss_end": result.val_loss_end,

@@ -35,6 +35,7 @@ import yaml
 from model.checkpoint import atomic_save, checkpoint_path, list_checkpoints
 from model.config import ModelConfig
 from model.lm import LunarisLM
+from model.outputs import describe_unreadable, ensure_writable_dir
 from model.train_config import ConfigError, build_model_config, load_yaml
 
 EXIT_USER_ERROR = 2
@@ -217,6 +218,8 @@ class _Pickled:
 def load_original(path: str | Path) -> Any:
     """``torch.load`` of ``path`` with weights_only=True; foreign classes become :class:`_Pickled`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConvertError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise ConvertError(f"checkpoint {str(path)!r} not found")
     try:
@@ -228,8 +231,13 @@ def load_original(path: str | Path) -> Any:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{str(path)!r} is not a readable torch checkpoint: {first}") from None
+        # torch's own message for a damaged or foreign file says little ("invalid load key, 'e'", "101"):
+        # say what the file is instead; keep torch's first line only for a file that does open as a zip.
+        reason = describe_unreadable(path)
+        if reason.startswith("its zip archive"):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason += f" ({first[:200]})"
+        raise ConvertError(f"{str(path)!r} is not a readable torch checkpoint: {reason}") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -328,6 +336,21 @@ def resolve_config(from_checkpoint: dict[str, Any] | None, config_file: str | Pa
 # Writing ours
 
 
+def check_out_dir(out: Path) -> None:
+    """``--out`` can take the conversion: not a file, its folder writable, and so are the parts already there."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {str(out)!r} is a file, not a directory")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConvertError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    ensure_writable_dir(parent, "--out" if parent == out else f"the folder of --out {str(out)!r},", ConvertError)
+    for name in ("checkpoints", "hf"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ConvertError(f"--out {str(out)!r}: {name!r} there is a file, not a directory")
+    if (out / "config.yaml").is_dir():
+        raise ConvertError(f"--out {str(out)!r}: 'config.yaml' there is a directory")
+
+
 def convert(
     ckpt: str | Path, out_dir: str | Path, config_file: str | Path | None = None, tokenizer: Any = None
 ) -> dict[str, Any]:
@@ -337,6 +360,7 @@ def convert(
     checkpoint is written last: a failed export leaves nothing that ``--resume`` would pick up.
     """
     out = Path(out_dir)
+    check_out_dir(out)
     existing = list_checkpoints(out)
     if existing:
         raise ConvertError(
@@ -346,8 +370,12 @@ def convert(
         raise ConvertError(f"tokenizer {str(tokenizer)!r} not found")
     state, config_keys, step, others = split_checkpoint(load_original(ckpt), ckpt)
     config = resolve_config(config_keys, config_file, str(ckpt))
+    converted = convert_state_dict(state, config)
+    bad = next((k for k, t in converted.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ConvertError(f"{str(ckpt)!r} holds NaN/inf weights (in our {bad!r}): nothing was written")
     lm = LunarisLM(config)
-    lm.load_state_dict(convert_state_dict(state, config), strict=True)
+    lm.load_state_dict(converted, strict=True)
     lm.eval()
 
     from model.hf import LunarisForCausalLM, export_hf
@@ -416,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to --out's checkpoints", file=sys.stderr)
+        return 130
     config = result["config"]
     kind = f"MoC, {config.n_experts} experts, top-{config.top_k}" if config.is_moc else "dense"
     step = result["original_step"]

@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.outputs import ensure_writable_dir
+
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard
+MIN_TRAINED_VOCAB = 257  # a trained byte-level BPE: 256 bytes + <|endoftext|>
 
 
 class DataError(ValueError):
@@ -69,8 +75,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, show_progress: bo
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
-        raise DataError(f"--vocab-size must be >= 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+    if vocab_size < MIN_TRAINED_VOCAB:
+        raise DataError(f"--vocab-size must be >= {MIN_TRAINED_VOCAB} (256 bytes + {EOS_TOKEN}), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -176,22 +182,76 @@ def prepare(
         sources: recorded in meta.json (e.g. ``[{"path": ..., "sha256": ...}]``).
     Returns:
         the meta dict (also written to ``out_dir/meta.json``).
-    """
-    from tqdm.auto import tqdm
 
-    if not 0 < val_fraction < 1:
+    Everything is checked first and written into a temporary sibling of ``out_dir``, then swapped in:
+    a failure leaves an existing prepared ``out_dir`` unchanged. Files of other names there are kept.
+    """
+    if not 0 < val_fraction < 1:  # also refuses NaN
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise DataError(f"shard_tokens must be > 0, got {shard_tokens}")
     documents = list(documents)
     if not any(d.strip() for d in documents):
         raise DataError("no text to prepare: every input is empty")
+    if tokenizer is None and vocab_size is None:
+        raise DataError("give either a tokenizer directory or a vocab size to train one")
+    if tokenizer is None and vocab_size < MIN_TRAINED_VOCAB:
+        raise DataError(f"--vocab-size must be >= {MIN_TRAINED_VOCAB} (256 bytes + {EOS_TOKEN}), got {vocab_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")) + [out / META]:
-        old.unlink(missing_ok=True)  # a re-prepared directory must not mix old and new shards
+    ensure_writable_dir(out.parent, "the folder of the data directory", DataError)
+    if out.exists():
+        ensure_writable_dir(out, "data directory", DataError)
+    # Everything is written into a temporary sibling and swapped in only when complete: an error (or a
+    # kill) half-way leaves an already prepared directory exactly as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.preparing-", dir=out.parent))
+    try:
+        meta = _prepare_into(
+            documents, staging, tokenizer, vocab_size, val_fraction, sources, shard_tokens, progress, description
+        )
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move a complete prepared directory ``staging`` to ``out``, replacing only the prepared files there.
+
+    Other files a user keeps in ``out`` stay. ``meta.json`` moves last: until then ``out`` is not
+    a prepared directory (``read_meta`` refuses it) rather than a mix of old and new shards.
+    """
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    try:
+        previous = [out / META, out / TOKENIZER_DIR, *out.glob("train_*.bin"), *out.glob("val_*.bin")]
+        for path in previous:
+            if path.exists():
+                os.replace(path, old / path.name)
+        for path in staging.iterdir():
+            if path.name != META:
+                os.replace(path, out / path.name)
+        os.replace(staging / META, out / META)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_into(
+    documents: list[str],
+    out: Path,
+    tokenizer,
+    vocab_size: int | None,
+    val_fraction: float,
+    sources: list[dict] | None,
+    shard_tokens: int,
+    progress: bool,
+    description: str,
+) -> dict:
+    """:func:`prepare`'s work, into the empty directory ``out``."""
+    from tqdm.auto import tqdm
 
     if tokenizer is None:
-        if vocab_size is None:
-            raise DataError("give either a tokenizer directory or a vocab size to train one")
         tokenizer = train_tokenizer(documents, vocab_size)
         tokenizer_source = f"trained byte-level BPE (vocab {vocab_size})"
     elif isinstance(tokenizer, (str, Path)):
@@ -268,9 +328,18 @@ def prepare_files(inputs: Iterable[str | Path], out_dir: str | Path, **kwargs) -
     documents, sources = [], []
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            raw = path.read_bytes()
         except OSError as e:
             raise DataError(f"cannot read {str(path)!r}: {e.strerror}") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # a binary file, or another encoding: tokenizing it would be noise
+            raise DataError(
+                f"input {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                "convert it (e.g. iconv -t utf-8) or leave it out"
+            ) from None
+        if "\x00" in text:
+            raise DataError(f"input {str(path)!r} holds NUL bytes: a binary file, not text")
         documents.append(text)
         sources.append({"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)})
     return prepare(documents, out_dir, sources=sources, **kwargs)
@@ -308,13 +377,39 @@ def read_meta(data_dir: str | Path) -> dict:
     if not meta_path.is_file():
         raise DataError(f"{str(meta_path)!r} not found: {str(data_dir)!r} is not a prepared data directory")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(meta_path)!r} is not UTF-8 text (byte offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{str(meta_path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from e
+        raise DataError(f"{str(meta_path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    _check_meta(meta, meta_path)
+    return meta
+
+
+def _check_meta(meta: object, meta_path: Path) -> None:
+    """DataError naming the first key of ``meta.json`` that is missing or of the wrong type or value."""
+    where = repr(str(meta_path))
+    if not isinstance(meta, dict):
+        raise DataError(f"{where} must hold a JSON object, got {type(meta).__name__}")
     for key in ("vocab_size", "dtype", "train_shards", "val_shards"):
         if key not in meta:
-            raise DataError(f"{str(meta_path)!r} has no {key!r}")
-    return meta
+            raise DataError(f"{where} has no {key!r}")
+    vocab = meta["vocab_size"]
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise DataError(f"{where}: 'vocab_size' must be an integer >= 1, got {vocab!r}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f'{where}: \'dtype\' must be "uint16" or "uint32", got {meta["dtype"]!r}')
+    for split in ("train_shards", "val_shards"):
+        shards = meta[split]
+        if not isinstance(shards, list):
+            raise DataError(f"{where}: {split!r} must be a list of shards, got {type(shards).__name__}")
+        for i, entry in enumerate(shards):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise DataError(
+                    f'{where}: {split}[{i}] must be {{"file": NAME, ...}} with a file name in the data '
+                    f"directory, got {entry!r}"
+                )
 
 
 @dataclass
@@ -346,7 +441,7 @@ class TokenData:
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir)
         self.seq_len = seq_len
-        vocab = int(self.meta["vocab_size"])
+        vocab = self.meta["vocab_size"]
         if vocab_size is not None and vocab_size != vocab:
             raise DataError(
                 f"data in {str(self.dir)!r} was tokenized with vocab size {vocab} but model.vocab_size is "
@@ -373,6 +468,14 @@ class TokenData:
             if size % self.dtype.itemsize:
                 raise DataError(f"shard {str(path)!r} has {size} bytes, not a multiple of {self.dtype.name}")
             arr = np.memmap(path, dtype=self.dtype, mode="r")
+            # One pass over the shard (memory bandwidth: ~0.1 s per GB): an id beyond the vocabulary would
+            # otherwise index out of the embedding table at some later, random step.
+            top = int(arr.max())
+            if top >= self.vocab_size:
+                raise DataError(
+                    f"shard {str(path)!r} holds token id {top} >= vocab_size {self.vocab_size} of meta.json "
+                    "(a shard of other data, or damaged): prepare the directory again"
+                )
             if arr.size > self.seq_len:
                 shards.append(arr)
                 counts.append(arr.size - self.seq_len)
@@ -386,15 +489,31 @@ class TokenData:
     def tokens(self, split: str) -> int:
         return sum(int(s.size) for s in self.splits[split].shards)
 
-    def _stack(self, split: _Split, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack(
+        self, split: _Split, indices: Iterable[int], pin_memory: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([split.window(int(i), self.seq_len).astype(np.int64) for i in indices])
         batch = torch.from_numpy(rows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if not pin_memory:
+            return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        # Page-locked from the start (no second host copy): a non_blocking .to("cuda") is then asynchronous.
+        inputs = torch.empty((rows.shape[0], self.seq_len), dtype=torch.int64, pin_memory=True)
+        targets = torch.empty((rows.shape[0], self.seq_len), dtype=torch.int64, pin_memory=True)
+        return inputs.copy_(batch[:, :-1]), targets.copy_(batch[:, 1:])
 
     def train_batch(
-        self, seed: int, step: int, micro_step: int, batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        seed: int,
+        step: int,
+        micro_step: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the global batch of optimizer step ``step``, micro-batch ``micro_step``.
+
+        ``pin_memory`` (CUDA runs): the tensors are in page-locked host memory, for asynchronous copies.
 
         Returns:
             (inputs, targets): int64 [batch_size, seq_len] each, targets shifted by one token.
@@ -403,7 +522,7 @@ class TokenData:
         # A fresh generator per (seed, step, micro_step): sampling needs no state to save or restore.
         rng = np.random.Generator(np.random.PCG64([seed, step, micro_step]))
         starts = rng.integers(0, split.windows, size=batch_size * world_size)
-        return self._stack(split, starts[rank * batch_size : (rank + 1) * batch_size])
+        return self._stack(split, starts[rank * batch_size : (rank + 1) * batch_size], pin_memory)
 
     def val_batches(self, n_batches: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator:
         """Fixed validation windows (evenly spaced over the split), this rank's share of each batch.
@@ -485,6 +604,17 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("give --tokenizer HF_DIR or --vocab-size N")
         if args.shard_tokens <= 0:
             raise DataError(f"--shard-tokens must be > 0, got {args.shard_tokens}")
+        if args.vocab_size is not None and args.vocab_size < MIN_TRAINED_VOCAB:
+            raise DataError(
+                f"--vocab-size must be >= {MIN_TRAINED_VOCAB} (256 bytes + {EOS_TOKEN}), got {args.vocab_size}"
+            )
+        if not 0 < args.val_fraction < 1:
+            raise DataError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+            raise DataError(f"--tokenizer {args.tokenizer!r} is not a directory (a local Hugging Face tokenizer)")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise DataError(f"--out {args.out!r} is a file, not a directory")
         if args.corpus:
             if args.vocab_size is None:
                 raise DataError("--corpus stdlib trains its tokenizer: give --vocab-size N")
@@ -504,6 +634,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the input's (disk full...): one line, the data directory unchanged
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the data directory is unchanged", file=sys.stderr)
+        return 130
     print(
         f"prepared {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), "
         f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from model.distributed import DistInfo
 from model.train_config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+REJECTED_FILE = "metrics.rejected.jsonl"  # malformed lines of metrics.jsonl, set aside on resume
 PLOT_FILE = "loss_curve.png"
 
 
@@ -46,14 +46,29 @@ class MetricsSink:
         self.out_dir = Path(cfg.out_dir)
         path = self.out_dir / METRICS_FILE
         keep_earlier = dist_info.is_main and resumed_step is not None
-        self.history: list[dict[str, Any]] = read_metrics(path, resumed_step) if keep_earlier else []
+        self.history: list[dict[str, Any]] = []
+        if keep_earlier:
+            self.history, rejected = read_metrics_checked(path, resumed_step)
+            if rejected:
+                aside = set_aside(self.out_dir / REJECTED_FILE, rejected)
+                numbers = ", ".join(str(n) for n, _ in rejected)
+                dist_info.say(
+                    f"[train] {path}: {len(rejected)} malformed line(s) (line {numbers}) "
+                    f"set aside in {aside}; the {len(self.history)} good record(s) are kept"
+                )
         self.added: list[dict[str, Any]] = []
         self._wandb_run = None
         self._file = None
         self._bar = None
         if dist_info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            if not keep_earlier and path.is_file() and path.stat().st_size:
+                # Lines of a run that never checkpointed (killed before its first save): not this run's
+                # history, but not to be lost either.
+                aside = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.earlier.jsonl")
+                os.replace(path, aside)
+                dist_info.say(f"[train] {path} held lines of an earlier start; moved to {aside}")
+            _atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.history))
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             self._wandb_run = _start_wandb(cfg, dist_info, resume=checkpoint_loaded)
             self._file = open(path, "a")  # noqa: SIM115 (closed by close())
@@ -127,15 +142,54 @@ class TokenRate:
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     """Records of an earlier run segment with ``step <= up_to_step`` (later ones were never checkpointed)."""
+    return read_metrics_checked(path, up_to_step)[0]
+
+
+def read_metrics_checked(path: Path, up_to_step: int) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """``(records with step <= up_to_step, malformed lines as (line number, text))`` of ``metrics.jsonl``.
+
+    A good line is a JSON object with an integer ``step`` >= 0 (as :class:`MetricsSink` writes them).
+    Lines of later steps are neither: they were logged after the checkpoint and will be logged again.
+    Blank lines are ignored; a line that is not UTF-8 is malformed (its text is kept with escapes).
+    """
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if record.get("step", math.inf) <= up_to_step:
-                records.append(record)
-    return records
+        return [], []
+    records: list[dict[str, Any]] = []
+    rejected: list[tuple[int, str]] = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        text = raw.decode("utf-8", errors="backslashreplace")
+        if not text.strip():
+            continue
+        try:
+            raw.decode("utf-8")
+            record = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            rejected.append((number, text))
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            rejected.append((number, text))
+        elif step <= up_to_step:
+            records.append(record)
+    return records, rejected
+
+
+def set_aside(path: Path, lines: list[tuple[int, str]]) -> Path:
+    """Append malformed ``(line number, text)`` lines to ``path``, each as a JSON object; returns ``path``."""
+    with open(path, "a", encoding="utf-8") as f:
+        for number, text in lines:
+            f.write(json.dumps({"metrics_line": number, "text": text, "set_aside": time.strftime("%FT%T")}) + "\n")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (never half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _optional(package: str) -> Any:

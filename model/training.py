@@ -36,15 +36,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model.checkpoint import RunCheckpointer, latest_checkpoint
+from model.checkpoint import (
+    CHECKPOINT_DIR,
+    NonFiniteError,
+    RunCheckpointer,
+    check_finite,
+    list_checkpoints,
+    remove_temporaries,
+)
 from model.config import ModelConfig
-from model.data import TokenData, ensure_prepared
+from model.data import META, DataError, TokenData, ensure_prepared
 from model.distributed import DistInfo, is_fsdp, process_group, wrap_distributed
-from model.metrics import PLOT_FILE, MetricsSink, TokenRate, plot_losses
+from model.metrics import METRICS_FILE, PLOT_FILE, MetricsSink, TokenRate, plot_losses
+from model.outputs import ensure_writable_dir
 from model.train_config import ConfigError, TrainConfig, build_model_config
 
+HF_DIR = "hf"
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(NonFiniteError):
     """Raised when the loss or gradient norm is NaN/inf; the run stops, the last good checkpoint stays."""
 
 
@@ -61,6 +71,80 @@ class TrainResult:
     checkpoint: Path | None = None
     hf_dir: Path | None = None
     wall_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Before any work: the places the run reads and writes
+
+
+def check_run_paths(cfg: TrainConfig, resume: bool, overwrite: bool, dist_info: DistInfo) -> None:
+    """Refuse, before any data is prepared or any model built, a run that would fail late or destroy files.
+
+    - ``data_dir`` that is a file; a missing ``data_dir`` with no ``corpus`` to prepare into it;
+    - ``out_dir`` / ``out_dir/checkpoints`` that are files, cannot be created or are not writable (a
+      read-only ``out_dir`` used to fail at the first or the final save, losing the run), and
+      ``out_dir/hf`` or ``metrics.jsonl`` of the wrong kind;
+    - a fresh run (no ``--resume``) into an ``out_dir`` holding another run's checkpoints or export:
+      refused unless ``overwrite``, which then deletes that run's files (checkpoints, metrics, export).
+
+    Temporaries of killed checkpoint saves are removed (rank 0). Raises ConfigError / DataError.
+    """
+    data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data_dir {str(data_dir)!r} is a file, not a prepared data directory")
+    if not (data_dir / META).is_file():
+        if cfg.corpus is None:
+            state = "is not prepared (no meta.json)" if data_dir.is_dir() else "not found"
+            raise DataError(
+                f"data_dir {str(data_dir)!r} {state}: prepare it with python -m model.data prepare "
+                "--input FILES --out DIR, or set corpus: stdlib to prepare the embedded corpus there"
+            )
+        ensure_writable_dir(data_dir.parent, "the folder of data_dir", ConfigError)
+    for path, what in ((out / CHECKPOINT_DIR, "out_dir/checkpoints"), (out / HF_DIR, "out_dir/hf")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what} {str(path)!r} is a file, not a directory")
+    for name in (METRICS_FILE, "config.json", PLOT_FILE):
+        if (out / name).is_dir():
+            raise ConfigError(f"{str(out / name)!r} is a directory; the run writes a file there")
+    ensure_writable_dir(out, "out_dir", ConfigError)
+    ensure_writable_dir(out / CHECKPOINT_DIR, "out_dir/checkpoints", ConfigError)
+    if cfg.export_hf and (out / HF_DIR).is_dir():
+        ensure_writable_dir(out / HF_DIR, "out_dir/hf", ConfigError)
+
+    earlier = list_checkpoints(out)
+    export_there = (out / HF_DIR).is_dir() and any((out / HF_DIR).iterdir())
+    if not resume and (earlier or export_there):
+        if not overwrite:
+            held = f"checkpoints (up to {earlier[-1].name})" if earlier else "Hugging Face export (hf/)"
+            raise ConfigError(
+                f"out_dir {str(out)!r} holds another run's {held}: continue that run with --resume, "
+                "start afresh there with --overwrite (deletes its checkpoints, metrics and hf/), "
+                "or pick another out_dir"
+            )
+        if dist_info.is_main:
+            _clear_run(out, earlier, dist_info)
+    if dist_info.is_main:
+        removed = remove_temporaries(out)
+        if removed:
+            dist_info.say(
+                f"[train] removed {len(removed)} temporary file(s) of an interrupted checkpoint save: "
+                + ", ".join(p.name for p in removed)
+            )
+
+
+def _clear_run(out: Path, checkpoints: list[Path], dist_info: DistInfo) -> None:
+    """--overwrite: delete the files an earlier run wrote in ``out`` (only those: a user's other files stay)."""
+    import shutil
+
+    for path in checkpoints:
+        path.unlink(missing_ok=True)
+    for name in (METRICS_FILE, "config.json", PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+    if (out / HF_DIR).is_dir():
+        shutil.rmtree(out / HF_DIR)
+    dist_info.say(
+        f"[train] --overwrite: deleted the earlier run in {out} ({len(checkpoints)} checkpoint(s), metrics, hf/)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,15 +272,17 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
 def _resume_or_seed(run: Run, checkpointer: RunCheckpointer, resume: bool) -> tuple[Path | None, int | None]:
     """Where this call starts: ``(checkpoint loaded or None, the step it continues from or None)``.
 
-    With ``resume``, the latest checkpoint in ``out_dir`` (see ``RunCheckpointer.resume`` for the kinds
-    and the refusals); a step of None (no checkpoint, or weights only) starts at step 0 with each
-    rank's RNG seeded from ``seed + rank``, so that dropout differs between ranks (the initial weights
-    were already drawn identically).
+    With ``resume``, the newest intact checkpoint in ``out_dir`` (``RunCheckpointer.resume_latest``
+    skips damaged ones and says so; see ``RunCheckpointer`` for the kinds and the refusals); a step of
+    None (no checkpoint, or weights only) starts at step 0 with each rank's RNG seeded from
+    ``seed + rank``, so that dropout differs between ranks (the initial weights were already drawn
+    identically).
     """
-    ckpt_path = latest_checkpoint(run.out_dir) if resume else None
+    ckpt_path, resumed_step, skipped = checkpointer.resume_latest() if resume else (None, None, [])
+    for reason in skipped:
+        run.dist.say(f"[train] --resume: skipped a damaged checkpoint: {reason}")
     if resume and ckpt_path is None:
         run.dist.say(f"[train] --resume: no checkpoint in {run.out_dir / 'checkpoints'}, starting from step 0")
-    resumed_step = checkpointer.resume(ckpt_path) if ckpt_path is not None else None
     if resumed_step is None:
         seed_everything(run.cfg.seed + run.dist.rank)
     if ckpt_path is not None and resumed_step is None:
@@ -260,21 +346,29 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; see the module docstring.
 
     Args:
-        resume: continue from the latest checkpoint in ``cfg.out_dir`` (a fresh start when there is none).
+        resume: continue from the newest intact checkpoint in ``cfg.out_dir`` (a fresh start when there is none).
         progress: show a tqdm bar (rank 0).
         on_step: called with the number of completed steps after each step's logging/saving (tests
             use it to interrupt a run).
+        overwrite: a fresh run into an ``out_dir`` holding another run's files deletes them first
+            (without it, such an ``out_dir`` is refused).
+        allow_config_change: resume although seed, batch size, learning rate... differ from the
+            checkpoint's (a warning names them; without it, refused).
     Raises:
-        ConfigError / DataError for user errors, NonFiniteLossError when the loss diverges.
+        ConfigError / DataError for user errors (all of them before any step runs), NonFiniteError
+        when the loss diverges or weights about to be saved are not finite.
     """
     t_start = time.time()
     device_type = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     with process_group(device_type) as dist_info:
-        result = _run(cfg, dist_info, resume, progress, on_step)
+        check_run_paths(cfg, resume, overwrite, dist_info)
+        result = _run(cfg, dist_info, resume, progress, on_step, allow_config_change)
     result.wall_seconds = time.time() - t_start
     dist_info.say(
         f"[train] done: {result.steps} steps in {result.wall_seconds:.1f}s; val loss "
@@ -286,12 +380,17 @@ def train(
 
 
 def _run(
-    cfg: TrainConfig, dist_info: DistInfo, resume: bool, progress: bool, on_step: Callable[[int], None] | None
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """``train`` inside its process group: build, resume (or seed), the loop inside the metrics sink, the end."""
     run = build_run(cfg, dist_info)
     checkpointer = RunCheckpointer(
-        cfg, run.model_cfg, dist_info, run.raw_model, run.optimizer, run.scheduler, run.scaler
+        cfg, run.model_cfg, dist_info, run.raw_model, run.optimizer, run.scheduler, run.scaler, allow_config_change
     )
     ckpt_path, resumed_step = _resume_or_seed(run, checkpointer, resume)
     start_step = 0 if resumed_step is None else resumed_step
@@ -321,37 +420,78 @@ def _loop(
 ) -> None:
     """Optimizer steps ``start_step + 1 .. max_steps``: train, then log / evaluate / save when due (and at the end).
 
-    Updates ``result`` (steps, val_loss_end, checkpoint) as it goes. Raises NonFiniteLossError before
-    a NaN/inf reaches the weights.
+    Updates ``result`` (steps, val_loss_end, checkpoint) as it goes. The host reads device values only
+    on steps that log, evaluate or save (elsewhere the GPU queue never drains); a NaN/inf loss or
+    gradient raises NonFiniteLossError at the first such step, before its optimizer step, so nothing
+    non-finite is ever logged as good, evaluated or saved.
     """
     cfg = run.cfg
     run.model.train()
     token_rate = TokenRate()
+    watch = NonFiniteWatch(run.device)
     for step in range(start_step, cfg.max_steps):
         losses = _forward_backward(run, step)  # every micro-batch; gradients summed in .grad
         grad_norm = _clip_gradients(run)
-        _stop_if_not_finite(run, losses, grad_norm, step)
-        lr = _optimizer_step(run)
-        done = result.steps = step + 1
-        token_rate.add(run.tokens_per_step)
+        watch.observe(run, losses, grad_norm, step)
+        done = step + 1
         last = done == cfg.max_steps
+        log_due = done % cfg.log_interval == 0 or last
+        eval_due = done % cfg.eval_interval == 0 or last
+        save_due = done % cfg.save_interval == 0 or last
+        if log_due or eval_due or save_due:
+            watch.raise_if_seen()  # the one host sync of a step, and only of these steps
+        lr = _optimizer_step(run)
+        result.steps = done
+        token_rate.add(run.tokens_per_step)
 
         record: dict[str, Any] = {}
-        if done % cfg.log_interval == 0 or last:
+        if log_due:
             record |= _train_metrics(run, losses, grad_norm, lr, token_rate.take())
             sink.show_loss(record["loss/main"], record["tokens_per_sec"])
-        if done % cfg.eval_interval == 0 or last:
+        if eval_due:
             val_loss, val_ppl = _validate(run)
             record |= {"val/loss": val_loss, "val/perplexity": val_ppl}
             result.val_loss_end = val_loss
             sink.write(f"[train] step {done}: val loss {val_loss:.4f} (ppl {val_ppl:.1f})")
         if record:
             sink.emit({"step": done} | record)
-        if done % cfg.save_interval == 0 or last:
+        if save_due:
             result.checkpoint = checkpointer.save(done) or result.checkpoint
         sink.step_done()
         if on_step is not None:
             on_step(done)
+
+
+class NonFiniteWatch:
+    """The first optimizer step whose loss or gradient norm was NaN/inf, kept on the device.
+
+    :meth:`observe` runs every step and never makes the host wait (no ``.item()``); :meth:`raise_if_seen`
+    is the host's read, called only on steps that log, evaluate or save. Between two reads a NaN step
+    can reach the weights, which is why every read comes before anything is logged, evaluated or
+    saved, and why a checkpoint refuses non-finite weights anyway (``model.checkpoint.check_finite``).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.values = torch.zeros(2, device=device)  # [loss, grad norm] of that step
+
+    def observe(self, run: Run, losses: StepLosses, grad_norm: torch.Tensor, step: int) -> None:
+        main_sum = losses.main_sum
+        check = torch.stack([main_sum + losses.aux_sum, grad_norm.detach().to(device=run.device, dtype=main_sum.dtype)])
+        if run.dist.enabled:
+            dist.all_reduce(check)  # every rank must stop together
+        newly = ~torch.isfinite(check).all() & (self.first_bad == 0)
+        self.first_bad.masked_fill_(newly, step + 1)
+        self.values = torch.where(newly, check.to(self.values.dtype), self.values)
+
+    def raise_if_seen(self) -> None:
+        bad_step = int(self.first_bad)
+        if bad_step:
+            loss, norm = self.values.tolist()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad_step} (loss {loss:.4g}, grad norm {norm:.4g}); "
+                "stopped, the last good checkpoint is kept"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,13 +515,15 @@ def _forward_backward(run: Run, step: int) -> StepLosses:
     """
     cfg, dist_info = run.cfg, run.dist
     micro_steps = cfg.gradient_accumulation_steps
+    pin = run.device.type == "cuda"
     main_sum = torch.zeros((), device=run.device)
     aux_sum = torch.zeros((), device=run.device)
     last_stats: dict[str, torch.Tensor] = {}
     for micro in range(micro_steps):
         inputs, targets = run.data.train_batch(
-            cfg.seed, step, micro, cfg.batch_size, dist_info.rank, dist_info.world_size
+            cfg.seed, step, micro, cfg.batch_size, dist_info.rank, dist_info.world_size, pin_memory=pin
         )
+        # From pinned memory the copy is asynchronous: the host goes on queueing this step's kernels.
         inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         last_micro = micro == micro_steps - 1
         no_sync = dist_info.enabled and not run.fsdp and not last_micro
@@ -405,20 +547,6 @@ def _clip_gradients(run: Run) -> torch.Tensor:
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already the global norm
         grad_norm = grad_norm.full_tensor()
     return grad_norm
-
-
-def _stop_if_not_finite(run: Run, losses: StepLosses, grad_norm: torch.Tensor, step: int) -> None:
-    """NonFiniteLossError when the loss or gradient norm of any rank is NaN/inf (all ranks raise together)."""
-    # One host sync per optimizer step: a NaN must stop the run before it reaches the weights.
-    main_sum = losses.main_sum
-    check = torch.stack([main_sum + losses.aux_sum, grad_norm.detach().to(device=run.device, dtype=main_sum.dtype)])
-    if run.dist.enabled:
-        dist.all_reduce(check)  # every rank must stop together
-    if not torch.isfinite(check).all().item():
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step + 1} (loss {float(check[0]):.4g}, "
-            f"grad norm {float(check[1]):.4g}); stopped, the last good checkpoint is kept"
-        )
 
 
 def _optimizer_step(run: Run) -> float:
@@ -494,7 +622,8 @@ def export(raw_model: nn.Module, out_dir: str | Path, data_dir: str | Path | Non
     """Export ``out_dir/hf`` with ``model.export_hf`` and the data's tokenizer (if the data has one)."""
     import model as model_pkg  # contract: model.export_hf(lm, out_dir, tokenizer=None) -> Path
 
+    check_finite(raw_model.state_dict(), f"export to {Path(out_dir) / HF_DIR}")
     tokenizer = None
     if data_dir is not None and (Path(data_dir) / "tokenizer").is_dir():
         tokenizer = Path(data_dir) / "tokenizer"
-    return Path(model_pkg.export_hf(raw_model, Path(out_dir) / "hf", tokenizer=tokenizer))
+    return Path(model_pkg.export_hf(raw_model, Path(out_dir) / HF_DIR, tokenizer=tokenizer))

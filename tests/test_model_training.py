@@ -274,3 +274,94 @@ def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path, mode: 
     state = torch.load(latest_checkpoint(tmp_path / "two"), weights_only=False)["model"]
     assert all(isinstance(t, torch.Tensor) and type(t) is torch.Tensor for t in state.values())
     assert state.keys() == torch.load(latest_checkpoint(tmp_path / "one"), weights_only=False)["model"].keys()
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing non-finite is written; pruning deletes only what the run owns (issue 30)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path: Path):
+    from model.checkpoint import NonFiniteError, save_checkpoint
+
+    state = {"w": torch.ones(3), "b": torch.tensor([0.0, float("inf")])}
+    with pytest.raises(NonFiniteError, match="weight 'b' holds NaN/inf"):
+        save_checkpoint(tmp_path, 1, state, {}, {}, {})
+    assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_an_export_with_non_finite_weights_is_never_written(tmp_path: Path):
+    from model.checkpoint import NonFiniteError
+    from model.lm import LunarisLM
+    from model.train_config import build_model_config
+    from model.training import export
+
+    lm = LunarisLM(build_model_config(tiny_raw(tmp_path, tmp_path)["model"]))
+    with torch.no_grad():
+        lm.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="weight 'norm.weight'"):
+        export(lm, tmp_path)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_prune_deletes_only_the_checkpoints_it_is_given(tmp_path: Path):
+    for step in (1, 2, 3, 4):
+        atomic_save({"step": step}, tmp_path / "checkpoints" / f"step_{step:08d}.pt")
+    mine = [tmp_path / "checkpoints" / f"step_{s:08d}.pt" for s in (1, 3, 4)]
+    assert prune(tmp_path, keep=1, among=mine) == mine[:2]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step waits for nothing (issue 27 §5)
+
+
+def test_a_step_that_does_not_log_never_reads_a_device_value(data_dir: Path, tmp_path: Path):
+    """No ``aten._local_scalar_dense`` (``.item()``, ``float()``, ``if tensor``) in a step that neither logs,
+    evaluates nor saves: on a GPU each one drains the queue. The optimizer's own step counter is exempt: it
+    is a host tensor in the CPU AdamW this test runs (CUDA's fused AdamW keeps it on the device)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: dict[int, list[str]] = {}
+    phase = {"step": 0}
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                frames = traceback.extract_stack()
+                if not any("torch/optim/" in f.filename.replace("\\", "/") for f in frames):
+                    where = next(
+                        (f for f in reversed(frames) if "/model/" in f.filename.replace("\\", "/")), frames[-2]
+                    )
+                    reads.setdefault(phase["step"] + 1, []).append(f"{where.name}:{where.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    def next_step(done: int) -> None:
+        phase["step"] = done
+
+    raw = tiny_raw(data_dir, tmp_path, max_steps=4, log_interval=4, eval_interval=4, save_interval=4)
+    with Reads():
+        train(config_from_dict(raw), progress=False, on_step=next_step)
+    assert reads.get(2) is None and reads.get(3) is None, reads  # steps 2 and 3 neither log, evaluate nor save
+    assert reads.get(4), "the logging step reads the loss (the test sees reads where there are some)"
+
+
+def test_batches_are_pinned_for_cuda_only(data_dir: Path, tmp_path: Path, monkeypatch):
+    """Pinned host memory (asynchronous copies) on CUDA; a CPU run never asks for it (there is no pinned allocator)."""
+    from model.data import TokenData
+
+    asked: list[bool] = []
+    original = TokenData.train_batch
+
+    def spy(self, *args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return original(self, *args, pin_memory=pin_memory, **kwargs)
+
+    monkeypatch.setattr(TokenData, "train_batch", spy)
+    train(config_from_dict(tiny_raw(data_dir, tmp_path, max_steps=1)), progress=False)
+    assert asked == [False, False]  # two micro-batches
+    if torch.cuda.is_available():
+        inputs, targets = TokenData(data_dir, 16, 300).train_batch(0, 0, 0, 2, pin_memory=True)
+        assert inputs.is_pinned() and targets.is_pinned()
+        assert torch.equal(inputs, TokenData(data_dir, 16, 300).train_batch(0, 0, 0, 2)[0])
