@@ -152,9 +152,23 @@ FRESH_EPILOGUE = textwrap.dedent(
 )
 
 
-def run_in_fresh_process(script: str, inputs: dict, tmp_path) -> dict:
-    """``script`` (which reads ``inputs`` and fills ``results``) in a process that cannot import this
-    project; its results, after checking that nothing of ours leaked in."""
+FRESH_SCRIPT = textwrap.dedent(
+    """
+    model = AutoModelForCausalLM.from_pretrained(inputs["dir"], trust_remote_code=True).eval()
+    ids = inputs["ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cached = model.generate(ids[:, :4], use_cache=True, **kw)
+    uncached = model.generate(ids[:, :4], use_cache=False, **kw)
+    results.update(logits=logits, cached=cached, uncached=uncached, module=type(model).__module__)
+    """
+)
+
+
+def run_script_in_fresh_process(script: str, inputs: dict, tmp_path) -> dict:
+    """``script`` (which reads the dict ``inputs`` and fills the dict ``results``) in a process that
+    cannot import this project; its results, after checking that nothing of ours leaked in."""
     torch.save(inputs, tmp_path / "inputs.pt")
     (tmp_path / "fresh.py").write_text(FRESH_PREAMBLE + script + FRESH_EPILOGUE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -170,4 +184,12 @@ def run_in_fresh_process(script: str, inputs: dict, tmp_path) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     res = torch.load(tmp_path / "res.pt")
     assert res["leaked"] == []
+    return res
+
+
+def run_in_fresh_process(hf_dir, ids: torch.Tensor, tmp_path) -> dict:
+    """FRESH_SCRIPT on ``hf_dir`` and ``ids`` in a fresh process: the logits of ``ids`` and 6 greedy tokens
+    after ``ids[:, :4]`` with and without the cache, checked to come from the export's own code."""
+    res = run_script_in_fresh_process(FRESH_SCRIPT, {"dir": str(hf_dir), "ids": ids}, tmp_path)
+    assert "transformers_modules" in res["module"]
     return res

@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from test_model_hf import make_tokenizer, run_in_fresh_process
+from test_model_hf import make_tokenizer, run_script_in_fresh_process
 from transformers import AutoTokenizer, DynamicCache
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -209,7 +209,7 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
     ids, mask = pad(prompts, "left")
     plain = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
     inputs = {"dirs": dirs, "ids": ids, "mask": mask, "plain": plain, "steps": STEPS}
-    res = run_in_fresh_process(FRESH_SCRIPT, inputs, tmp_path)
+    res = run_script_in_fresh_process(FRESH_SCRIPT, inputs, tmp_path)
     for variant, model in models.items():
         got, lm = res[variant], model.model
         assert "transformers_modules" in got["module"], variant  # the export's own code ran
