@@ -22,6 +22,19 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _require_float(op: str, dtype: torch.dtype, device: torch.device) -> None:
+    """fp32|bf16|fp16 on every backend; fp64 too on the reference, which is plain PyTorch (a model put in
+    fp64 with ``.double()`` to check numerics runs there). The Triton kernels refuse fp64."""
+    if dtype == torch.float64:
+        _require(
+            backend.resolve(device) == "reference",
+            f"{op}: unsupported dtype torch.float64 on the triton backend; fp64 runs on the reference "
+            "backend (kernels: reference, or moc_kernels.use_backend('reference'))",
+        )
+    else:
+        _require(dtype in FLOAT_DTYPES, f"{op}: unsupported dtype {dtype}")
+
+
 def _implementation(op: str, device: torch.device, function: str | None = None):
     """The function ``function`` (default: ``op``) of the reference or of ``moc_kernels.triton.<op>``."""
     if backend.resolve(device) == "reference":
@@ -49,16 +62,17 @@ def _check_experts(op: str, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor 
         tuple(w2.shape) == (num_experts, hidden, dim),
         f"{op}: w2 must be [E, F, D] = {(num_experts, hidden, dim)}, got {tuple(w2.shape)}",
     )
-    _require(x.dtype in FLOAT_DTYPES, f"{op}: unsupported dtype {x.dtype}")
+    _require_float(op, x.dtype, x.device)
 
 
 def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
     """All E experts' SwiGLU on every token: x [N, D], w1/w3 [E, D, F], w2 [E, F, D] -> Y [N, E, D].
 
     ``Y[n, e] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]``; fp32|bf16|fp16, fp32 accumulation,
-    output in x's dtype. With ``w3=None``, w1 is the packed w13 [E, D, 2F] (gate = w13[..., :F], up =
-    w13[..., F:]): pass it packed rather than as two views, so that its gradient is written as one
-    [E, D, 2F] tensor instead of two zero-padded halves that autograd adds.
+    output in x's dtype (fp64 too on the reference backend, in fp64). With ``w3=None``, w1 is the packed
+    w13 [E, D, 2F] (gate = w13[..., :F], up = w13[..., F:]): pass it packed rather than as two views,
+    so that its gradient is written as one [E, D, 2F] tensor instead of two zero-padded halves that
+    autograd adds.
     """
     _check_experts("expert_swiglu", x, w1, w3, w2)
     return _implementation("expert_swiglu", x.device)(x, w1, w3, w2)
@@ -71,9 +85,9 @@ def routed_swiglu(
     w2 [E, F, D] -> Y [N, k, D].
 
     ``Y[n, j] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]`` with ``e = idx[n, j]``: k/E of
-    ``expert_swiglu``'s FLOPs. fp32|bf16|fp16, fp32 accumulation, output in x's dtype. With
-    ``w3=None``, w1 is the packed w13 [E, D, 2F], as in ``expert_swiglu`` (one gradient, no
-    zero-padded halves). An expert repeated within a row is computed again for that slot (gradients
+    ``expert_swiglu``'s FLOPs. fp32|bf16|fp16 (fp64 too on the reference), fp32 accumulation, output
+    in x's dtype. With ``w3=None``, w1 is the packed w13 [E, D, 2F], as in ``expert_swiglu`` (one
+    gradient, no zero-padded halves). An expert repeated within a row is computed again for that slot (gradients
     add up). Differentiable in x and the weights.
     """
     _check_experts("routed_swiglu", x, w1, w3, w2)
@@ -109,7 +123,8 @@ def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def small_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention among the L vectors of each token: q, k, v [N, L, H, dh] -> [N, L, H, dh].
+    """Unmasked attention among the L vectors of each token: q, k, v [N, L, H, dh] -> [N, L, H, dh]
+    fp32|bf16|fp16 (fp64 too on the reference).
 
     Scale 1/sqrt(dh). With ``return_entropy`` also returns the entropy [N, H, L] fp32 (nats) of
     every softmax row; it is differentiable (the MoC diversity loss trains through it).
@@ -119,7 +134,7 @@ def small_attention(
         q.shape == k.shape == v.shape,
         f"small_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
     )
-    _require(q.dtype in FLOAT_DTYPES, f"small_attention: unsupported dtype {q.dtype}")
+    _require_float("small_attention", q.dtype, q.device)
     # One dtype for all three: the kernel's tl.dot of bf16 by fp32 does not compile on a GPU.
     _require(
         q.dtype == k.dtype == v.dtype,

@@ -10,11 +10,14 @@ Two ways to load an exported directory:
 
 Generation uses the model's own KV cache path: ``generate()`` hands a transformers ``DynamicCache``,
 whose ``update(key, value, layer_idx)`` is the interface :class:`model.layers.Attention` calls.
+Padded batches (lm-eval, pipelines, ``generate(**tokenizer(prompts, padding=True))``) work through the
+attention mask and per-row positions (:meth:`LunarisForCausalLM.forward`).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import math
 import shutil
@@ -140,6 +143,7 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Any = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -148,17 +152,20 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """input_ids [B, T] int64; labels [B, T] unshifted (HF convention), -100 ignored.
 
-        Positions continue from the cache length. Padding is not supported: an attention_mask
-        with zeros raises (left-padded batches would need per-row positions). The KV cache comes as
-        ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier releases).
+        Padded batches, as every batching client builds them (left-padded prompts for ``generate``,
+        right-padded for scoring): ``attention_mask`` [B, cached + T] with 0 at the padding masks
+        those keys in every attention layer, and the positions count only the real tokens
+        (``position_ids`` [B, T] when given, as ``generate`` passes them). Without a mask, positions
+        continue from the cache length. The KV cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (earlier releases).
         """
         cache = kwargs.pop("past_key_values", cache)
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("LunarisForCausalLM needs input_ids (inputs_embeds is not supported)")
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+        if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
-                "LunarisForCausalLM does not support padded batches (attention_mask has zeros); "
-                "pass unpadded sequences of equal length"
+                "LunarisForCausalLM takes a 2D attention_mask [B, cached + T] (1 = token, 0 = padding), "
+                f"got shape {list(attention_mask.shape)}"
             )
         if cache is None and use_cache:
             cache = DynamicCache(config=self.config)
@@ -167,7 +174,14 @@ class LunarisForCausalLM(LunarisPreTrainedModel, GenerationMixin):
         if labels is not None:
             # LunarisLM takes targets already shifted: targets[:, t] = labels[:, t + 1].
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        out = self.model(input_ids, targets, kv_cache=cache, start_pos=start_pos)
+        out = self.model(
+            input_ids,
+            targets,
+            kv_cache=cache,
+            start_pos=start_pos,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE_FIELD: cache})
 
 
@@ -270,6 +284,12 @@ def _save_tokenizer(tokenizer: Any, out_dir: Path) -> Any:
             raise ValueError(
                 f"tokenizer {str(path)!r} is neither a tokenizer object, a tokenizer directory nor a tokenizer.json"
             )
+    # Batching clients (pipelines, generate on a padded batch) need a pad token: without one, use EOS
+    # (the attention mask, not the id, marks the padding). Left padding is what generation wants.
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what is saved
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
@@ -279,7 +299,8 @@ def export_hf(lm: LunarisLM, out_dir: str | Path, tokenizer: Any = None) -> Path
 
     Files: config.json (with ``auto_map``), model.safetensors (tied embedding stored once),
     generation_config.json, modeling_lunaris_moc.py, and the tokenizer files if ``tokenizer`` is a
-    transformers tokenizer or a path to a tokenizer directory / tokenizer.json. The exported config
+    transformers tokenizer or a path to a tokenizer directory / tokenizer.json (saved with left padding,
+    and EOS as the pad token if it has none, so that batching clients work as they are). The exported config
     sets ``kernels: auto`` so the loader's machine picks Triton on CUDA and the reference elsewhere.
     """
     out = Path(out_dir)

@@ -9,8 +9,14 @@ from torch import nn
 from model.config import ModelConfig
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of numerically sensitive math on ``dtype`` data: fp32, or fp64 for fp64 data (a model
+    put in fp64 with ``.double()`` to check numerics computes in fp64 throughout)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last axis; statistics in fp32, output in x's dtype."""
+    """``x / rms(x) * weight`` over the last axis; statistics in fp32 (fp64 for fp64 x), output in x's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -18,9 +24,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dtype = math_dtype(x.dtype)
+        xf = x.to(dtype)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * self.weight.to(dtype)).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,9 +38,14 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (first half, second half) pairs of x: [B, H, T, dh] by cos/sin [T, dh/2]; x's dtype."""
+    """Rotate (first half, second half) pairs of x: [B, H, T, dh] by cos/sin [T, dh/2] (one position per
+    column) or [B, T, dh/2] (per-row positions, e.g. of a left-padded batch); math in fp32 (fp64 for
+    fp64 x), output in x's dtype."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    dtype = math_dtype(x.dtype)
+    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
@@ -65,6 +77,22 @@ class KVCache:
         return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
 
 
+def padded_causal_mask(key_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Which keys each of the last ``seq`` queries may attend to, for a batch with padding.
+
+    key_mask: [B, S] bool, True for real tokens, over all S keys (cached ones first; the queries are
+    the last ``seq`` of them) -> [B, 1, T=seq, S] bool: a query sees the real keys at or before it.
+    A padded query also sees itself, so that no softmax row is empty: SDPA would return NaN there,
+    and 0 * NaN in the next layer's attention would reach the real rows through the masked values.
+    """
+    total = key_mask.shape[1]
+    key_pos = torch.arange(total, device=key_mask.device)
+    query_pos = key_pos[total - seq :, None]  # [T, 1]
+    causal = key_pos[None, :] <= query_pos  # [T, S], bottom-right aligned
+    allowed = causal & (key_mask[:, None, :] | (key_pos[None, :] == query_pos))  # [B, T, S]
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE through ``F.scaled_dot_product_attention``."""
 
@@ -79,9 +107,18 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, D]; cos/sin: [T, dh/2] for the absolute positions of these T tokens -> [B, T, D]."""
+        """x: [B, T, D]; cos/sin: [T, dh/2] or [B, T, dh/2] for the positions of these T tokens -> [B, T, D].
+
+        ``mask``: [B, 1, T, S] bool (True = may attend) over the S = cached + T keys, from
+        :func:`padded_causal_mask`; None means every key is a real token (plain causal attention).
+        """
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -90,8 +127,10 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)
         past = k.shape[2] - seq
-        mask, causal = None, seq > 1
-        if past > 0 and seq > 1:
+        causal = seq > 1 and mask is None
+        if mask is not None and mask.shape[-1] != k.shape[2]:
+            raise ValueError(f"the attention mask covers {mask.shape[-1]} keys; the cache and input hold {k.shape[2]}")
+        if causal and past > 0:
             # SDPA's is_causal aligns the triangle top-left, which is wrong when the queries are the
             # last `seq` of `past + seq` keys: build the bottom-right-aligned mask explicitly.
             key_pos = torch.arange(past + seq, device=x.device)

@@ -5,7 +5,7 @@ stop strings and EOS, and ``kotara generate`` end to end with its user errors.
 
 Tiny models are built here, offline: GPT-2 and Llama with untied, re-drawn output layers (so that
 their next tokens depend on the context rather than repeat the last one) and our own exported
-LunarisForCausalLM (which refuses left padding: Kotara steps it in groups of equal-length prompts).
+LunarisForCausalLM (which takes left-padded batches, as the HF models do).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 def test_padding_check_tells_our_model_from_the_hf_ones(workspace):
     gpt2, llama, lunaris = _load(workspace, "a", "llama", "lunaris")
     assert handles_left_padding(_Model.wrap(gpt2, 0)) and handles_left_padding(_Model.wrap(llama, 1))
-    assert not handles_left_padding(_Model.wrap(lunaris, 2))  # it refuses padded batches: grouped by length
+    assert handles_left_padding(_Model.wrap(lunaris, 2))  # it takes padded batches (mask and positions)
 
 
 @pytest.mark.parametrize("kind", ["a", "llama", "lunaris"])
