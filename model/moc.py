@@ -19,7 +19,7 @@ from torch import nn
 
 import moc_kernels as mk
 from model.config import ModelConfig
-from model.layers import RMSNorm
+from model.layers import RMSNorm, math_dtype
 
 
 class MoCOutput(NamedTuple):
@@ -62,8 +62,8 @@ def normalised_diversity_loss(collab_entropy: torch.Tensor, k: int) -> torch.Ten
     log k = 0, so the loss is defined as 0 (kept attached to the graph for a uniform code path).
     """
     if k > 1:
-        return -collab_entropy.float().mean() / math.log(k)
-    return collab_entropy.float().sum() * 0.0
+        return -collab_entropy.to(math_dtype(collab_entropy.dtype)).mean() / math.log(k)
+    return collab_entropy.to(math_dtype(collab_entropy.dtype)).sum() * 0.0
 
 
 def autocast_operands(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -178,7 +178,7 @@ class CollaborativeExpertsModule(nn.Module):
             diversity_loss = route_logits.new_zeros(())
 
         # 6. weighted combination of the k refined outputs, then the output projection
-        combined = (top_weights.unsqueeze(-1) * refined.float()).sum(dim=1).to(x.dtype)
+        combined = (top_weights.unsqueeze(-1) * refined.to(math_dtype(x.dtype))).sum(dim=1).to(x.dtype)
         out = self.out_proj(combined).view(batch, seq, dim)
 
         # 7. auxiliary losses and stats
@@ -274,14 +274,14 @@ def _collab_modules(layer: nn.Module, config: ModelConfig) -> None:
 
 
 def gate_logits(gate: nn.Linear, summary: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Routing logits ``(s Wg + bg) / τ`` [N, E] fp32, the gate run with autocast off: under bf16 autocast a
-    bf16 gate would tie tokens at the top-k boundary and route some differently from the fp32 gate (E
-    columns: free). The gate runs in its weights' dtype (fp32 when training under autocast), as a module
-    call so that its hooks see it."""
+    """Routing logits ``(s Wg + bg) / τ`` [N, E] fp32 (fp64 for an fp64 gate), the gate run with autocast
+    off: under bf16 autocast a bf16 gate would tie tokens at the top-k boundary and route some differently
+    from the fp32 gate (E columns: free). The gate runs in its weights' dtype (fp32 when training under
+    autocast), as a module call so that its hooks see it."""
     device_type = summary.device.type
     off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
     with off:
-        return gate(summary.to(gate.weight.dtype)).float() / temperature
+        return gate(summary.to(gate.weight.dtype)).to(math_dtype(gate.weight.dtype)) / temperature
 
 
 def even_routed_swiglu(

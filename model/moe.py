@@ -14,6 +14,7 @@ from torch import nn
 
 import moc_kernels as mk
 from model.config import ModelConfig
+from model.layers import math_dtype
 from model.moc import (
     MoCOutput,
     autocast_operands,
@@ -59,7 +60,7 @@ class TopKMoEModule(nn.Module):
         tokens, w13, w2 = autocast_operands(x.device.type, tokens, self.w13, self.w2)
         routed = even_routed_swiglu if tokens.is_meta else mk.routed_swiglu
         slots = routed(tokens, top_idx, w13, None, w2)  # [N, k, D]; w13 packed: one gradient, no slices
-        combined = (top_weights.unsqueeze(-1) * slots.float()).sum(dim=1)
+        combined = (top_weights.unsqueeze(-1) * slots.to(math_dtype(x.dtype))).sum(dim=1)
         out = combined.to(x.dtype).view(batch, seq, dim)
 
         expert_load = expert_fractions(top_idx, self.num_experts)

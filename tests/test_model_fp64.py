@@ -45,15 +45,14 @@ def test_double_forward_and_backward(variant):
     (out.loss + out.aux_loss).backward()
     assert all(p.grad.dtype == torch.float64 and bool(p.grad.isfinite().all()) for p in lm.parameters())
 
-    # The main loss's backward agrees with its central difference along a random direction. The dense
-    # model computes in fp64 throughout: a step of 1e-6 leaves ~1e-8 relative. The routers' gate runs
-    # in fp32 (model/moc.py), whose rounding a step amplifies: 1e-5 (small enough to keep every top-k
-    # choice) leaves ~1e-5 relative there.
+    # The main loss's backward agrees with its central difference along a random direction. Every model
+    # computes in fp64 throughout (routers included, model.layers.math_dtype): a step of 1e-6 (small
+    # enough to keep every top-k choice) leaves ~1e-8 relative.
     params = list(lm.parameters())
     grads = torch.autograd.grad(lm(inputs, targets).loss, params)
     direction = [torch.randn_like(p) for p in params]
     predicted = sum((g * d).sum() for g, d in zip(grads, direction, strict=True)).item()
-    eps, rel = (1e-6, 1e-7) if variant == "dense" else (1e-5, 1e-4)
+    eps, rel = 1e-6, 1e-7
     losses = []
     with torch.no_grad():
         for sign in (1, -1):
