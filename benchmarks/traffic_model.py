@@ -45,14 +45,14 @@ LAUNCH_BUILD_SM90 = {
     ("_expert_matmul", "down-BM128-BN128-BK64-w8-s3-bf16"): (98, 98304),
     ("_swiglu_grad", "swiglu_grad-BM64-BN64-BK32-w8-s3-bf16"): (126, 24576),
     ("_dx", "dx-BM128-BN128-BK16-w8-s4-bf16"): (238, 81920),
-    ("_expert_dual_matmul", "dw13-BM128-BN64-BK64-w8-s3-bf16"): (110, 98304),
+    ("_expert_dual_matmul", "dw13-BM128-BN64-BK64-w8-s3-bf16"): (108, 98304),
     ("_expert_matmul", "dw2-BM128-BN128-BK64-w8-s3-bf16"): (99, 98304),
     ("_routed_gate_up", "gate_up-BM128-BN64-BK32-w8-s3-bf16"): (128, 49152),
     ("_routed_rows_matmul", "down-BM128-BN128-BK64-w8-s3-bf16"): (112, 98304),
     ("_routed_swiglu_grad", "swiglu_grad-BM128-BN64-BK32-w8-s3-bf16"): (220, 36864),
     ("_routed_rows_matmul", "dx-BM128-BN64-BK32-w8-s3-bf16"): (64, 73728),
-    ("_routed_weight_grad", "dw13-BM128-BN64-BK64-w8-s3-bf16"): (110, 65536),
-    ("_routed_weight_grad", "dw2-BM128-BN128-BK64-w8-s3-bf16"): (114, 65536),
+    ("_routed_weight_grad", "dw13-BM128-BN64-BK64-w8-s3-bf16"): (110, 65792),
+    ("_routed_weight_grad", "dw2-BM128-BN128-BK64-w8-s3-bf16"): (114, 65792),
 }
 
 
@@ -193,18 +193,18 @@ def routed_swiglu_launches(shape=SHAPE) -> list[Launch]:
     _, g, u, (gate_up, down) = rs._forward_plans(x, w1, w3, w2, routing)
     _, (swiglu_grad, dx, dw13, dw2) = rs._backward_plans(_meta(P, D), x, w1, w3, w2, routing, g, u, (True,) * 3)
 
-    def routed_rows(plan, cols):
+    def routed_rows(plan):
+        """Row blocks numbered expert by expert, then the grid's spare ones (ceil(P / BLOCK_M) + E in all)."""
         block_m, per_expert = plan.args["BLOCK_M"], P // E
         rows = [(e, min(block_m, per_expert - r)) for e in range(E) for r in range(0, per_expert, block_m)]
-        spare = plan.grid[0] // -(-cols // plan.args["BLOCK_N"]) - len(rows)
-        return rows + [None] * spare
+        return rows + [None] * (-(-P // block_m) + E - len(rows))
 
     hidden, gemm, op = P * F * b, 2 * P * D * F, "routed_swiglu"
     return [
-        _gemm(op, gate_up, P, F, D * b, 2 * D * b, 3 * hidden, 2 * gemm, row_experts=routed_rows(gate_up, F)),
-        _gemm(op, down, P, D, F * b, F * b, P * D * b, gemm, row_experts=routed_rows(down, D)),
-        _gemm(op, swiglu_grad, P, F, D * b, D * b, 5 * hidden, gemm, row_experts=routed_rows(swiglu_grad, F)),
-        _gemm(op, dx, P, D, 2 * F * b, 2 * F * b, P * D * 4, 2 * gemm, row_experts=routed_rows(dx, D)),
+        _gemm(op, gate_up, P, F, D * b, 2 * D * b, 3 * hidden, 2 * gemm, row_experts=routed_rows(gate_up)),
+        _gemm(op, down, P, D, F * b, F * b, P * D * b, gemm, row_experts=routed_rows(down)),
+        _gemm(op, swiglu_grad, P, F, D * b, D * b, 5 * hidden, gemm, row_experts=routed_rows(swiglu_grad)),
+        _gemm(op, dx, P, D, 2 * F * b, 2 * F * b, P * D * 4, 2 * gemm, row_experts=routed_rows(dx)),
         _gemm(op, dw13, D, F, P // E * b, 2 * P // E * b, E * D * 2 * F * b, 2 * gemm),
         _gemm(op, dw2, F, D, P // E * b, P // E * b, E * F * D * b, gemm),
     ]
