@@ -64,8 +64,10 @@ def jit_specialization(fn, args: dict[str, Any]) -> tuple[dict[str, str], dict[t
     """(signature, constexprs, attrs) that Triton's JIT derives from a launch of ``fn`` with ``args``
     (every argument by name, constexprs included; tensors may be on the meta device): the binder
     ``JITFunction.run`` builds and its ``_pack_args``, given pointers as a CUDA launch has them."""
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    if not isinstance(fn, JITFunction):  # decorated under the interpreter: the same function, for the JIT
+        fn = JITFunction(fn.fn)
     backend = _cuda_backend()
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     values = {name: _LaunchPointer(v) if isinstance(v, torch.Tensor) else v for name, v in args.items()}

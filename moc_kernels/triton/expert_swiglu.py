@@ -153,11 +153,24 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if a.dtype != b.dtype:
         # fp16 data with fp32 dG/dU (``grad_dtype``): both to fp32, tf32 products. fp16 -> tf32 is
-        # exact (same 10-bit mantissa) and dG/dU keep fp16's precision but fp32's range. (Assigned,
-        # not returned: code after a static if's return is still compiled.)
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        # exact (same 10-bit mantissa) and dG/dU keep fp16's precision but fp32's range. The tensor
+        # cores' tf32 input drops the low 13 mantissa bits (truncation: no cvt.rna.tf32 is emitted,
+        # triton-lang/triton#4574), which shrinks every product by ~3.5e-4 on average; rounding to
+        # nearest first leaves the truncation exact. (Assigned, not returned: code after a static
+        # if's return is still compiled.)
+        a = _round_to_tf32(a.to(tl.float32))
+        b = _round_to_tf32(b.to(tl.float32))
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """fp32 ``x`` rounded to tf32's 10-bit mantissa, to nearest (ties away from zero, as cvt.rna.tf32):
+    half a tf32 ulp (bit 12) added to the magnitude bits, the 13 bits below tf32's cleared. A carry
+    into the exponent is the correct rounding, and inf stays inf; NaN is passed as it is (the GPU's
+    canonical NaN, 0x7FFFFFFF, would carry out into -0.0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where(x == x, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), x)
 
 
 @triton.jit
