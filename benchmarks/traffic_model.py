@@ -214,6 +214,18 @@ def all_launches(shape=SHAPE) -> list[Launch]:
     return [*expert_swiglu_launches(shape), *routed_swiglu_launches(shape)]
 
 
+def pass_ratios(launches: list[Launch] | None = None) -> dict[tuple[str, str], float]:
+    """{(op, pass): modeled / fewest bytes of the pass's GEMM launches}; the forward is each op's first
+    two launches (gate/up, down), forward+backward all six."""
+    launches = all_launches() if launches is None else launches
+    ratios = {}
+    for op in ("expert_swiglu", "routed_swiglu"):
+        mine = [launch for launch in launches if launch.op == op]
+        for pass_, part in (("fwd", mine[:2]), ("fwd+bwd", mine)):
+            ratios[(op, pass_)] = sum(x.modeled_bytes() for x in part) / sum(x.min_bytes() for x in part)
+    return ratios
+
+
 def format_table(launches: list[Launch]) -> str:
     lines = [
         f"**{LABEL}**: H100 (132 SMs, 50 MB L2), N={SHAPE['N']} D={SHAPE['D']} E={SHAPE['E']} F={SHAPE['F']} "
