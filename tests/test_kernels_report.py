@@ -111,6 +111,11 @@ def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
     }
     assert problems(rows) == []
     assert any(r["matmul"] for r in rows), "no GEMM-shaped kernel declared"
+    # The traffic model's residency comes from these rows: its table must be today's sm_90 build.
+    from benchmarks.traffic_model import LAUNCH_BUILD_SM90
+
+    built = {(r["kernel"], r["config"]): (r["registers"], r["shared_bytes"]) for r in rows if r["arch"] == "sm_90"}
+    assert {key: built.get(key) for key in LAUNCH_BUILD_SM90} == LAUNCH_BUILD_SM90
 
 
 def test_summary_aggregates_per_kernel_and_arch():
