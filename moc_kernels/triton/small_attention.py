@@ -60,13 +60,15 @@ CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
         "fp32": {
             16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
             32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
-            64: {"BLOCK_M": 64, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
+            # 16-wide feature chunks: 32 spilled 8 B on sm_90 at dh 128/256 in the launch build.
+            64: {"BLOCK_M": 64, "BLOCK_D": 16, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1},
         },
     },
     "bwd": {
         "bf16": {64: {"BLOCK_M": 64, "MIN_L_PAD": 8, "BLOCK_D": 64, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1}},
         "fp32": {
-            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
+            # dh > 64 in 32-wide chunks: 64 spilled 8 B on sm_80 at L8-dh128 in the launch build.
+            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
             32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
             64: {"BLOCK_M": 64, "BLOCK_D": 16, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1},
         },
