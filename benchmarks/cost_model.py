@@ -1,6 +1,6 @@
 """Cost model (a model, not a measurement): FLOPs, fewest HBM bytes and H100 roofline time per op.
 
-    python -m benchmarks.cost_model [--json] [--tokens N]
+    python -m benchmarks.cost_model [--json] [--tokens N] [--traffic]
 
 For each op (forward, and forward+backward where it trains) and for the whole MoC layer at the
 GPT-2-small MoC shape (``benchmarks.shapes.GPT2_SMALL``):
@@ -369,22 +369,27 @@ def all_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
     return [*ops, *routed, sparse_layer_row(shape, ops, routed), layer_row(shape, ops)]
 
 
-def format_table(rows: list[Cost], shape: BenchShape = GPT2_SMALL) -> str:
-    """Markdown table of the model, titled as a model."""
+def format_table(rows: list[Cost], shape: BenchShape = GPT2_SMALL, traffic: dict | None = None) -> str:
+    """Markdown table of the model, titled as a model. ``traffic``: {(op, pass): modeled / fewest bytes of
+    its GEMM launches} from the wave-level traffic model (``benchmarks.traffic_model.pass_ratios``, at the
+    GPT-2-small shape only); "-" where absent."""
+    traffic = traffic or {}
     lines = [
         f"**Cost model (a model, not a measurement)**: {shape.describe()}; "
         f"H100 roofline at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {PEAK_BYTES / 1e12:.2f} TB/s.",
         "",
         "| op | pass | kernel GFLOP | kernel MB | reference GFLOP | reference MB | ref/kernel bytes "
-        "| kernel roofline ms | reference roofline ms | kernel bound |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| kernel roofline ms | reference roofline ms | kernel bound | GEMM traffic / fewest (wave model) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c in rows:
         ratio = c.reference_bytes / c.kernel_bytes if c.kernel_bytes else float("nan")
+        modeled = traffic.get((c.op, c.pass_))
         lines.append(
             f"| {c.op} | {c.pass_} | {c.kernel_flops / 1e9:.1f} | {c.kernel_bytes / 1e6:.1f} "
             f"| {c.reference_flops / 1e9:.1f} | {c.reference_bytes / 1e6:.1f} | {ratio:.2f}x "
-            f"| {c.kernel_ms:.3f} | {c.reference_ms:.3f} | {c.kernel_bound} |"
+            f"| {c.kernel_ms:.3f} | {c.reference_ms:.3f} | {c.kernel_bound} "
+            f"| {'-' if modeled is None else f'{modeled:.2f}x'} |"
         )
     return "\n".join(lines)
 
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (each labelled as a model)")
     parser.add_argument("--tokens", type=int, default=GPT2_SMALL.tokens, help="N, tokens per batch (default 16384)")
+    parser.add_argument("--traffic", action="store_true", help="also print the wave-level traffic model per launch")
     args = parser.parse_args(argv)
     if args.tokens < 1:
         print(f"error: --tokens must be >= 1, got {args.tokens}", file=sys.stderr)
@@ -402,7 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"label": LABEL, "shape": shape.describe(), "rows": [r.as_dict() for r in rows]}, indent=1))
     else:
-        print(format_table(rows, shape))
+        traffic = None
+        if shape == GPT2_SMALL and moc_kernels.backend.TRITON_INSTALLED:  # the traffic model's one shape
+            from benchmarks import traffic_model
+
+            traffic = traffic_model.pass_ratios()
+        print(format_table(rows, shape, traffic))
+        if args.traffic and traffic is not None:
+            print("\n" + traffic_model.format_table(traffic_model.all_launches()))
     return 0
 
 

@@ -94,3 +94,11 @@ def test_layer_row_and_table_are_labelled_as_a_model(rows):
 def test_cli_rejects_bad_tokens(capsys):
     assert cost_model.main(["--tokens", "0"]) == 2
     assert "--tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_table_carries_the_wave_models_gemm_traffic_column(rows):
+    table = cost_model.format_table(rows, TINY, traffic={("expert_swiglu", "fwd+bwd"): 1.0625})
+    assert "GEMM traffic / fewest (wave model)" in table.splitlines()[2]
+    by_row = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines()[4:]}
+    assert by_row[("expert_swiglu", "fwd+bwd")].endswith("| 1.06x |")
+    assert by_row[("expert_swiglu", "fwd")].endswith("| - |")

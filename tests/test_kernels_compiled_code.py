@@ -51,7 +51,8 @@ _COMPILE = textwrap.dedent(
         tl.store(y_ptr + tl.arange(0, BLOCK), tl.exp(z - tl.max(z, 0)))
 
     def ptx(spec):
-        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        # The launch build where the spec carries the JIT's specialization (attrs), as the report.
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 

@@ -187,3 +187,44 @@ def test_fp16_gate_up_gradients_keep_fp32_range(kernel_module):
     assert dx_ref.abs().max() < 65504 / 2
     (dx,) = torch.autograd.grad(_triton(x, w1, w3, w2), x, dy)
     assert_rel_close(dx, dx_ref, torch.float16, "dx")
+
+
+_kernel_mma = None
+
+
+def test_fp16_backward_rounds_its_tf32_operands_to_nearest():
+    """fp16 data's fp32 dG/dU meet fp16 weights in tf32 products (``_mma``'s mixed branch), whose
+    tensor-core input truncates the fp32 operand to 10 mantissa bits: every product shrinks, a bias of
+    -3.4e-4 at K = 2048 (shrinking dx, dW1, dW3). The operands are now rounded to nearest first (after
+    which the hardware's truncation is exact). The interpreter does not truncate, so the kernel's product
+    must be exactly that of the rounded operand, and that product's bias (its regression slope on the
+    exact product, minus 1) must be below 1e-5, against -3.4e-4 with truncation."""
+    import triton
+    import triton.language as tl
+
+    global _kernel_mma  # a global, as the interpreter resolves a kernel's names (no closures)
+    _kernel_mma = backend.kernel_module("expert_swiglu")._mma
+
+    @triton.jit
+    def product(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+        rm, rk, rn = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+        b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+        acc = _kernel_mma(tl.full((M, N), 0.0, tl.float32), a, b, "tf32", False)
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
+
+    M, K, N = 16, 2048, 16
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).half()
+    c = torch.empty(M, N)
+    product[(1,)](a, b, c, M, K, N)
+    exact = a.double() @ b.double()
+    bits = a.view(torch.int32)
+    nearest = ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double() @ b.double()
+    truncated = (bits & ~0x1FFF).view(torch.float32).double() @ b.double()
+
+    def bias(p):
+        return ((p * exact).sum() / (exact * exact).sum() - 1).item()
+
+    assert (c.double() - nearest).abs().max() < 1e-4 < (c.double() - exact).abs().max() / 100
+    assert abs(bias(c.double())) < 1e-5 and bias(truncated) < -3e-4

@@ -111,6 +111,11 @@ def test_every_shipped_config_compiles_clean_for_sm80_and_sm90():
     }
     assert problems(rows) == []
     assert any(r["matmul"] for r in rows), "no GEMM-shaped kernel declared"
+    # The traffic model's residency comes from these rows: its table must be today's sm_90 build.
+    from benchmarks.traffic_model import LAUNCH_BUILD_SM90
+
+    built = {(r["kernel"], r["config"]): (r["registers"], r["shared_bytes"]) for r in rows if r["arch"] == "sm_90"}
+    assert {key: built.get(key) for key in LAUNCH_BUILD_SM90} == LAUNCH_BUILD_SM90
 
 
 def test_summary_aggregates_per_kernel_and_arch():
@@ -166,3 +171,65 @@ def test_fused_lse_offsets_into_strategy_major_buffers_are_64_bit(tmp_path):
     offsets = proc.stdout.splitlines()
     assert len(offsets) >= 2, "expected pointer arithmetic on coef and out: the IR pattern changed"
     assert not [line for line in offsets if "i32" in line], "\n".join(offsets)
+
+
+def test_report_compiles_the_specialization_the_jit_gives_the_launch(tmp_path):
+    """Issue 27: the report compiled without the JIT's launch specialization (tt.divisibility = 16 on
+    aligned pointers and integers divisible by 16), a different binary from the one that launches.
+    Each SwiGLU launch at the shipped shape is run through ``JITFunction.run`` itself, with a stand-in
+    driver and a ``jit_cache_hook`` that records what the JIT would compile and stops it there; the
+    report's KernelSpec of the same plan must carry the same signature, constants and attributes."""
+    code = textwrap.dedent(
+        """
+        import json, torch, triton
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from moc_kernels.triton import expert_swiglu as es, routed_swiglu as rs
+        from moc_kernels.triton.launch import plan_spec
+
+        class Driver:  # what JITFunction.run asks of the driver before it compiles
+            def get_current_device(self): return 0
+            def get_current_stream(self, device): return 0
+            def get_current_target(self): return GPUTarget("cuda", 90, 32)
+            def get_active_torch_device(self): return torch.device("meta")
+
+        def described(signature, constants, attrs):
+            return {"signature": signature, "constants": {str(k): str(v) for k, v in constants.items()},
+                    "attrs": {str(k): v for k, v in attrs.items()}}
+
+        seen = []
+        def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+            seen.append(described(compile["signature"], compile["constants"], compile["configs"][0]))
+            return True  # no compile: the specialization is all that is wanted
+
+        triton.runtime.driver.set_active(Driver())
+        knobs.runtime.jit_cache_hook = hook
+        meta = {"dtype": torch.bfloat16, "device": "meta"}
+        N, D, E, F, k = (rs.SHIPPED_SHAPE[key] for key in ("N", "D", "E", "F", "k"))
+        packed = torch.empty(E, D, 2 * F, **meta)
+        w1, w3, w2, x = packed[..., :F], packed[..., F:], torch.empty(E, F, D, **meta), torch.empty(N, D, **meta)
+        int32 = {"dtype": torch.int32, "device": "meta"}
+        routing = (torch.empty(N * k, **int32), torch.empty(E + 1, **int32), k)
+        _, g, u, forward = rs._forward_plans(x, w1, w3, w2, routing)
+        _, backward = rs._backward_plans(torch.empty(N * k, D, **meta), x, w1, w3, w2, routing, g, u, (True,) * 3)
+        _, g, u, moc_forward = es._forward_plans(x, w1, w3, w2, recompute=False)
+        _, moc_backward = es._backward_plans(torch.empty(N, E, D, **meta), x, w1, w3, w2, g, u, recompute=False)
+        result = []
+        for plan in [*forward, *backward, *moc_forward, *moc_backward]:
+            plan.args["UPCAST"] = False
+            seen.clear()
+            plan.run()
+            spec = plan_spec(plan, torch.bfloat16)
+            result.append([plan.name, list(seen), [described(spec.signature, spec.constexprs, spec.attrs)]])
+        print(json.dumps(result))
+        """
+    )
+    script = tmp_path / "jit_specialization.py"
+    script.write_text(code)
+    proc = run_python([str(script)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert len(result) == 12
+    for name, jit, report in result:
+        assert len(jit) == 1 and jit == report, name
+        assert ["tt.divisibility", 16] in [a for attrs in jit[0]["attrs"].values() for a in attrs], name

@@ -40,15 +40,12 @@ scaled. bf16 (the trainer's CUDA default) has fp32's range. fp32 inputs use exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
-from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.launch import Launch, check_strides, meta_args, plan_spec, table_config, tile_grid
 from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live. Launchers read them (block sizes are clamped to
@@ -59,9 +56,9 @@ from moc_kernels.triton.utils import on_device
 # sm_80. Spilling candidates that were rejected: two 128x64 accumulators with BK=64 (gate_up: 96 B
 # on sm_80 and sm_90), 128x64 dH with its G/U epilogue (96-128 B), 64x64 with BK=64 at 4 warps (all
 # kernels: 100-2800 B).
-# Caveat: the report compiles without the divisibility-by-16 hints Triton adds at launch, so loads
-# are not vectorised there and registers are overstated (gate_up 128x64x64 w8 on sm_90: 255 regs +
-# 96 B spill without hints, 102 regs, 0 spill with them); the configs are clean either way.
+# The report compiles the launch build (the JIT's divisibility-by-16 specialization of the arguments at
+# SHIPPED_SHAPE); one table serves every GPU from sm_80 on, so every config fits sm_86/89's 99 KiB.
+# Every grid runs column tile fastest (``tile_grid``): resident blocks share the left operand's tiles.
 # fp32 runs exact (ieee) products on the FMA pipes, so its tiles are small.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # G/U = x W1/W3 (M = N tokens, N = F, K = D) and dW1/dW3 = x^T dG/dU (M = D, N = F, K = tokens).
@@ -96,9 +93,12 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     },
     # dx = sum_e dG_e W1_e^T + dU_e W3_e^T (M = N tokens, N = D, K = E * F). fp32 unpipelined: with 2
     # stages Triton 3.6 spilled 8 B on sm_90 (128 registers; 3.9 did not), with 1 both compile clean.
+    # 16-bit: 128x128 tiles (1 block per SM at 230-240 registers): the whole W1|W3 (50 MB) is read
+    # again by every wave, and 128x64 tiles made twice the waves (bf16 128x64x32 also needed 104 KiB
+    # of shared memory on sm_90 in the launch build).
     "dx": {
-        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-        "fp16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 4},
+        "fp16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     },
 }
@@ -107,9 +107,6 @@ SHIPPED_SHAPE = {"N": 16384, "D": 768, "E": 8, "F": 2048}
 
 # Save G and U for backward (False) or recompute them from x in the backward (True); see above.
 RECOMPUTE_GATE_UP = False
-
-_DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,11 +153,37 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if a.dtype != b.dtype:
         # fp16 data with fp32 dG/dU (``grad_dtype``): both to fp32, tf32 products. fp16 -> tf32 is
-        # exact (same 10-bit mantissa) and dG/dU keep fp16's precision but fp32's range. (Assigned,
-        # not returned: code after a static if's return is still compiled.)
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        # exact (same 10-bit mantissa) and dG/dU keep fp16's precision but fp32's range. The tensor
+        # cores' tf32 input drops the low 13 mantissa bits (truncation: no cvt.rna.tf32 is emitted,
+        # triton-lang/triton#4574), which shrinks every product by ~3.5e-4 on average; rounding to
+        # nearest first leaves the truncation exact. (Assigned, not returned: code after a static
+        # if's return is still compiled.)
+        a = _round_to_tf32(a.to(tl.float32))
+        b = _round_to_tf32(b.to(tl.float32))
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """fp32 ``x`` rounded to tf32's 10-bit mantissa, to nearest (ties away from zero, as cvt.rna.tf32):
+    half a tf32 ulp (bit 12) added to the magnitude bits, the 13 bits below tf32's cleared. A carry
+    into the exponent is the correct rounding, and inf stays inf; NaN is passed as it is (the GPU's
+    canonical NaN, 0x7FFFFFFF, would carry out into -0.0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where(x == x, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
+def _tile_ids(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FASTEST: tl.constexpr):
+    """(row block, column tile) of this program: grid axis 0 numbers them column tile fastest
+    (``launch.tile_grid``), so the blocks resident together share row blocks of the left operand;
+    ROWS_FASTEST the other way round, for the GEMMs whose right operand is the large one (dW13)."""
+    pid = tl.program_id(0)
+    if ROWS_FASTEST:
+        row_blocks = (rows + BLOCK_M - 1) // BLOCK_M
+        return pid % row_blocks, pid // row_blocks
+    column_tiles = (cols + BLOCK_N - 1) // BLOCK_N
+    return pid // column_tiles, pid % column_tiles
 
 
 @triton.jit
@@ -175,8 +198,7 @@ def _expert_matmul(
 ):  # fmt: skip
     """C_e = A_e @ B_e for expert e = program_id(2); every operand addressed by strides (A [M, K],
     B [K, N], C [M, N] per expert), so transposes and token-major layouts cost nothing."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, False)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -213,7 +235,7 @@ def _expert_dual_matmul(
     stride_b1e, stride_b1k, stride_b1n,
     stride_b2e, stride_b2k, stride_b2n,
     stride_ce, stride_cm, stride_cn,
-    SWIGLU: tl.constexpr, STORE_C: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_C: tl.constexpr, ROWS_FASTEST: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -223,8 +245,7 @@ def _expert_dual_matmul(
     are stored only when STORE_C, i.e. when saved for backward). C1, C2 and H share one layout.
     Without SWIGLU it is dW1_e = x^T dG_e, dW3_e = x^T dU_e (A = x^T by strides).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, ROWS_FASTEST)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -285,8 +306,7 @@ def _swiglu_grad(
     RECOMPUTE: G = x W1_e, U = x W3_e are accumulated in the same K loop over D as dH (both GEMMs
     have K = D), so nothing but the inputs had to be saved; otherwise G, U are loaded.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(N, F, BLOCK_M, BLOCK_N, False)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -362,8 +382,7 @@ def _dx(
     """dx = sum_e dG_e @ W1_e^T + dU_e @ W3_e^T for a [tokens, D] tile: G_e = x W1_e gives
     dx += dG_e W1_e^T (same for U). The K loop runs over (expert, F) so each program owns its output
     tile and no atomics are needed."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(N, D, BLOCK_M, BLOCK_N, False)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -409,65 +428,16 @@ def _dx(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Launch:
-    fn: Any  # the triton.JITFunction
-    name: str  # the config table's key
-    grid: tuple[int, ...]
-    args: dict[str, Any]  # every argument by name: tensors, ints, and constexpr values
-    constexprs: tuple[str, ...]
-    num_warps: int
-    num_stages: int
-
-    def run(self) -> None:
-        if all(self.grid):
-            self.fn[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+def _plan(fn, name, dtype, m, n, k, batch, args) -> Launch:
+    """The launch of ``fn`` with the table's config for ``name`` and ``dtype`` on an (m, n, k) GEMM per
+    batch entry (expert), its grid column tile fastest (``tile_grid``)."""
+    cfg = table_config(CONFIGS[name], dtype, (m, n, k))
+    check_strides("expert_swiglu", args, cfg)
+    grid = tile_grid(triton.cdiv(m, cfg["BLOCK_M"]), cfg, n, batch)  # its order: the kernel's _tile_ids
+    return Launch(fn, name, grid, {**args, **meta_args(dtype, cfg)}, cfg["num_warps"], cfg["num_stages"])
 
 
-def _config(name: str, dtype: torch.dtype, m: int, n: int, k: int) -> dict[str, int]:
-    """The table's config for ``name``, with blocks shrunk (not below 16, tl.dot's minimum) to the
-    problem so small shapes do not run mostly-masked tiles."""
-    table = CONFIGS[name]
-    cfg = dict(table.get(_TL_NAME[dtype]) or table[_DTYPE_KEY[dtype]])
-    for key, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k)):
-        cfg[key] = min(cfg[key], max(16, triton.next_power_of_2(size)))
-    return cfg
-
-
-def _common(dtype: torch.dtype, cfg: dict[str, int]) -> dict[str, Any]:
-    return {
-        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "UPCAST": backend.interpreting() and dtype != torch.float32,
-        "BLOCK_M": cfg["BLOCK_M"],
-        "BLOCK_N": cfg["BLOCK_N"],
-        "BLOCK_K": cfg["BLOCK_K"],
-    }
-
-
-_META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
-
-
-def _plan(fn, name, dtype, m, n, k, batch, args, extra_constexprs=()) -> _Launch:
-    cfg = _config(name, dtype, m, n, k)
-    # Offsets inside a tile are 32-bit (tile origins and expert offsets are 64-bit): a row/column
-    # stride times a block size must stay below 2^31. Expert strides (names ending in "e") are exempt.
-    limit = 2**31 // max(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
-    for arg, value in args.items():
-        if arg.startswith("stride_") and not arg.endswith("e") and abs(value) >= limit:
-            raise ValueError(f"expert_swiglu: {arg}={value} is too large for 32-bit in-tile offsets (< {limit})")
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), batch)
-    return _Launch(
-        fn=fn,
-        name=name,
-        grid=grid,
-        args={**args, **_common(dtype, cfg)},
-        constexprs=tuple(extra_constexprs) + _META,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-
-
-def _plan_gate_up(x, w1, w3, g, u, h, store_gate_up: bool) -> _Launch:
+def _plan_gate_up(x, w1, w3, g, u, h, store_gate_up: bool) -> Launch:
     n_tokens, dim = x.shape
     num_experts, _, hidden = w1.shape
     assert w1.stride() == w3.stride(), "w1 and w3 strides must match"  # checked by the public function
@@ -478,14 +448,12 @@ def _plan_gate_up(x, w1, w3, g, u, h, store_gate_up: bool) -> _Launch:
         stride_b1e=w1.stride(0), stride_b1k=w1.stride(1), stride_b1n=w1.stride(2),
         stride_b2e=w3.stride(0), stride_b2k=w3.stride(1), stride_b2n=w3.stride(2),
         stride_ce=h.stride(1), stride_cm=h.stride(0), stride_cn=h.stride(2),
-        SWIGLU=True, STORE_C=store_gate_up,
+        SWIGLU=True, STORE_C=store_gate_up, ROWS_FASTEST=False,
     )  # fmt: skip
-    return _plan(
-        _expert_dual_matmul, "gate_up", x.dtype, n_tokens, hidden, dim, num_experts, args, ("SWIGLU", "STORE_C")
-    )
+    return _plan(_expert_dual_matmul, "gate_up", x.dtype, n_tokens, hidden, dim, num_experts, args)
 
 
-def _plan_down(h, w2, y) -> _Launch:
+def _plan_down(h, w2, y) -> Launch:
     n_tokens, num_experts, hidden = h.shape
     dim = w2.shape[2]
     args = dict(
@@ -498,7 +466,7 @@ def _plan_down(h, w2, y) -> _Launch:
     return _plan(_expert_matmul, "down", h.dtype, n_tokens, dim, hidden, num_experts, args)
 
 
-def _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute: bool) -> _Launch:
+def _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute: bool) -> Launch:
     n_tokens, dim = x.shape
     num_experts, _, hidden = w1.shape
     args = dict(
@@ -513,10 +481,10 @@ def _plan_swiglu_grad(dy, x, w1, w3, w2, g, u, dg, du, h, recompute: bool) -> _L
         RECOMPUTE=recompute,
     )  # fmt: skip
     name = "swiglu_grad_recompute" if recompute else "swiglu_grad"
-    return _plan(_swiglu_grad, name, x.dtype, n_tokens, hidden, dim, num_experts, args, ("RECOMPUTE",))
+    return _plan(_swiglu_grad, name, x.dtype, n_tokens, hidden, dim, num_experts, args)
 
 
-def _plan_dx(dg, du, w1, w3, dx) -> _Launch:
+def _plan_dx(dg, du, w1, w3, dx) -> Launch:
     n_tokens, num_experts, hidden = dg.shape
     dim = w1.shape[1]
     args = dict(
@@ -530,7 +498,7 @@ def _plan_dx(dg, du, w1, w3, dx) -> _Launch:
     return _plan(_dx, "dx", w1.dtype, n_tokens, dim, hidden, 1, args)
 
 
-def _plan_dw13(x, dg, du, dw1, dw3) -> _Launch:
+def _plan_dw13(x, dg, du, dw1, dw3) -> Launch:
     n_tokens, dim = x.shape
     num_experts, _, hidden = dw1.shape
     # A = x^T [D, tokens] (shared by every expert), B1/B2 = dG_e/dU_e [tokens, F], C = dW1_e/dW3_e [D, F].
@@ -541,13 +509,13 @@ def _plan_dw13(x, dg, du, dw1, dw3) -> _Launch:
         stride_b1e=dg.stride(1), stride_b1k=dg.stride(0), stride_b1n=dg.stride(2),
         stride_b2e=du.stride(1), stride_b2k=du.stride(0), stride_b2n=du.stride(2),
         stride_ce=dw1.stride(0), stride_cm=dw1.stride(1), stride_cn=dw1.stride(2),
-        SWIGLU=False, STORE_C=True,
+        SWIGLU=False, STORE_C=True, ROWS_FASTEST=True,
     )  # fmt: skip
     assert dw1.stride() == dw3.stride()
-    return _plan(_expert_dual_matmul, "dw13", x.dtype, dim, hidden, n_tokens, num_experts, args, ("SWIGLU", "STORE_C"))
+    return _plan(_expert_dual_matmul, "dw13", x.dtype, dim, hidden, n_tokens, num_experts, args)
 
 
-def _plan_dw2(h, dy, dw2) -> _Launch:
+def _plan_dw2(h, dy, dw2) -> Launch:
     n_tokens, num_experts, hidden = h.shape
     dim = dy.shape[2]
     # A = H_e^T [F, tokens], B = dY_e [tokens, D], C = dW2_e [F, D].
@@ -704,42 +672,6 @@ def expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2
 # ----------------------------------------------------------------------------------------------
 
 
-def _spec(plan: _Launch, dtype: torch.dtype) -> KernelSpec:
-    """The KernelSpec that compiles what ``plan`` launches: tensors become typed pointers, ints equal
-    to 1 become constants (Triton specialises them the same way at launch), other ints i32 (i64 when
-    they do not fit)."""
-    signature: dict[str, str] = {}
-    constexprs: dict[str, Any] = {}
-    for arg_name in plan.fn.arg_names:
-        value = plan.args[arg_name]
-        if arg_name in plan.constexprs:
-            signature[arg_name] = "constexpr"
-            constexprs[arg_name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[arg_name] = "*" + _TL_NAME[value.dtype]
-        elif value == 1:
-            signature[arg_name] = "constexpr"
-            constexprs[arg_name] = 1
-        else:
-            signature[arg_name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-    cfg = {key: plan.args[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    label = (
-        f"{plan.name}-BM{cfg['BLOCK_M']}-BN{cfg['BLOCK_N']}-BK{cfg['BLOCK_K']}"
-        f"-w{plan.num_warps}-s{plan.num_stages}-{_TL_NAME[dtype]}"
-    )
-    return KernelSpec(
-        kernel=plan.fn.__name__,
-        config=label,
-        fn=plan.fn,
-        signature=signature,
-        constexprs=constexprs,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        # Exact fp32 (ieee) products run on the FMA pipes by design: no tensor cores to expect.
-        matmul=dtype != torch.float32,
-    )
-
-
 def compile_specs() -> list[KernelSpec]:
     """One KernelSpec per kernel x shipped config (bf16 and fp32) at ``SHIPPED_SHAPE``, built by the
     launchers' own planning code on meta tensors (contiguous weights, w1/w3 as views of one packed
@@ -759,6 +691,5 @@ def compile_specs() -> list[KernelSpec]:
         _, backward = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=False)
         _, recomputed = _backward_plans(dy, x, w1, w3, w2, g, u, recompute=True)
         for plan in [*forward, *backward, recomputed[0]][2 if dtype == torch.float16 else 0 :]:
-            plan.args["UPCAST"] = False  # the report compiles for GPUs, never the interpreter
-            specs.append(_spec(plan, dtype))
+            specs.append(plan_spec(plan, dtype))
     return specs

@@ -42,34 +42,35 @@ import triton.language as tl
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from moc_kernels import backend
-from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
+from moc_kernels.triton.compile_spec import KernelSpec
 
 # The interpreter-safe product, rounding store, sigmoid and launch record; shared with expert_swiglu.
-from moc_kernels.triton.expert_swiglu import _gate_up_views, _Launch, _mma, _sigmoid, _store, grad_dtype
+from moc_kernels.triton.expert_swiglu import _gate_up_views, _mma, _sigmoid, _store, _tile_ids, grad_dtype
+from moc_kernels.triton.launch import Launch, check_strides, meta_args, plan_spec, table_config, tile_grid
 from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live (launchers read them, block sizes clamped to small
 # problems; compile_specs() compiles exactly these for the report). "bf16" also serves fp16 where no
-# "fp16" entry is given. Tiles
-# start from expert_swiglu's for the same GEMM shapes; `python -m moc_kernels.report --ops
-# routed_swiglu` at SHIPPED_SHAPE, Triton 3.9 and 3.6: 0 spills on sm_80 and sm_90, wgmma / mma. The
-# gathered x rows cost registers (a 64-bit pointer per element): expert_swiglu's 128x64x16 gate/up
-# tile spilled 16 B on sm_80 here (64x64x32 at 4 warps 64 B, 64x128x16 56 B), so gate/up runs 64x64.
+# "fp16" entry is given. One table serves every GPU from sm_80 on (its sm_80 build runs on sm_86/89
+# too), so each config fits their 99 KiB of shared memory. Chosen from the launch build (the JIT's
+# divisibility-by-16 specialization of the arguments at SHIPPED_SHAPE): `python -m moc_kernels.report
+# --ops routed_swiglu`, Triton 3.9: 0 spills on sm_80 and sm_90, wgmma / mma. gate_up and swiglu_grad
+# run 128x64x32 (8 warps, 3 stages: 128 / 238 registers on sm_80, 0 spills): 64x64 tiles cap their
+# arithmetic intensity near 43 FLOP per L2 byte. Every grid runs column tile fastest (``tile_grid``).
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # G/U = x_rows W1_e/W3_e (rows = sorted pairs, N = F, K = D), two accumulators.
     "gate_up": {
-        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
-    # Y[order] = H W2_e (N = D, K = F). fp32 unpipelined: with 2 stages it spilled 8 B on sm_90 (64 regs).
+    # Y[order] = H W2_e (N = D, K = F). fp32: unpipelined it spilled 8 B on sm_80 in the launch build.
     "down": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+        "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dH = dY[order] W2_e^T (N = F, K = D) with the SwiGLU derivative in the epilogue.
     "swiglu_grad": {
-        "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dX_pair[order] = dG W1_e^T + dU W3_e^T (N = D, K = F, two products into one accumulator).
@@ -94,9 +95,6 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 # The shape whose configs the compile report checks: a GPT-2-small top-2-of-8 MoE (N = batch * seq).
 SHIPPED_SHAPE = {"N": 16384, "D": 768, "E": 8, "F": 2048, "k": 2}
 
-_DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a buffer the kernels overwrite entirely (tests patch this to pre-fill NaN)."""
@@ -109,10 +107,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 @triton.jit
-def _expert_block(expert_offsets_ptr, E, BLOCK_M: tl.constexpr):
-    """(expert, first sorted row, end of the expert's rows) of row block program_id(0); blocks are
-    numbered expert by expert, ceil(rows_e / BLOCK_M) for expert e. expert is -1 for spare blocks."""
-    pid = tl.program_id(0)
+def _expert_block(pid, expert_offsets_ptr, E, BLOCK_M: tl.constexpr):
+    """(expert, first sorted row, end of the expert's rows) of row block ``pid``; blocks are numbered
+    expert by expert, ceil(rows_e / BLOCK_M) for expert e. expert is -1 for spare blocks."""
     expert = pid * 0 - 1
     row0 = pid * 0
     row_end = pid * 0
@@ -151,10 +148,10 @@ def _routed_gate_up(
     """G = X W1_e, U = X W3_e for one block of expert e's sorted rows (X: the rows' tokens of x,
     gathered in the loads), H = silu(G) * U; H, G and U stored at the sorted rows.
     w1 and w3 share strides (the launcher ensures it), so one offset tile addresses both."""
-    expert, row0, row_end = _expert_block(expert_offsets_ptr, E, BLOCK_M)
+    pid_m, pid_n = _tile_ids(0, F, BLOCK_M, BLOCK_N, False)
+    expert, row0, row_end = _expert_block(pid_m, expert_offsets_ptr, E, BLOCK_M)
     if expert < 0:
         return
-    pid_n = tl.program_id(1)
     rm, rn, rk = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
     row_valid = rm < row_end - row0
     n_valid = rn < F - pid_n * BLOCK_N
@@ -199,10 +196,10 @@ def _routed_rows_matmul(
     """C[order[i]] = A[i] B_e (+ A2[i] B2_e when DUAL) for one block of expert e's sorted rows i:
     the result is scattered to (token, slot) order by the stores. A, A2 share a layout, B, B2
     share strides (B_e [K, N] by strides, so W^T costs nothing)."""
-    expert, row0, row_end = _expert_block(expert_offsets_ptr, E, BLOCK_M)
+    pid_m, pid_n = _tile_ids(0, N, BLOCK_M, BLOCK_N, False)
+    expert, row0, row_end = _expert_block(pid_m, expert_offsets_ptr, E, BLOCK_M)
     if expert < 0:
         return
-    pid_n = tl.program_id(1)
     rm, rn, rk = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
     row_valid = rm < row_end - row0
     n_valid = rn < N - pid_n * BLOCK_N
@@ -249,10 +246,10 @@ def _routed_swiglu_grad(
     loads), then the SwiGLU derivative. With H = silu(G) * U, s = sigmoid(G):
         silu'(g) = s * (1 + g * (1 - s)),  dU = dH * silu(G),  dG = dH * U * silu'(G).
     Writes dG, dU and H (the dW2 GEMM's operand) at the sorted rows ([P, F] by strides)."""
-    expert, row0, row_end = _expert_block(expert_offsets_ptr, E, BLOCK_M)
+    pid_m, pid_n = _tile_ids(0, F, BLOCK_M, BLOCK_N, False)
+    expert, row0, row_end = _expert_block(pid_m, expert_offsets_ptr, E, BLOCK_M)
     if expert < 0:
         return
-    pid_n = tl.program_id(1)
     rm, rn, rk = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
     row_valid = rm < row_end - row0
     n_valid = rn < F - pid_n * BLOCK_N
@@ -290,15 +287,14 @@ def _routed_weight_grad(
     stride_ar, stride_ac,
     stride_br, stride_bc,
     stride_ce, stride_cm, stride_cn,
-    A_BY_TOKEN: tl.constexpr, B_BY_PAIR: tl.constexpr, DUAL: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr, B_BY_PAIR: tl.constexpr, DUAL: tl.constexpr, ROWS_FASTEST: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C1_e = A_e^T B1_e (and C2_e = A_e^T B2_e when DUAL) for expert e = program_id(2), a [M, N]
     tile; the K loop runs over the expert's sorted rows r (none: the tile is zeros). Row r of A is
     x[order[r] // k] when A_BY_TOKEN (else A[r]); row r of B is B[order[r]] when B_BY_PAIR."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, ROWS_FASTEST)
     expert = tl.program_id(2)
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
@@ -343,38 +339,22 @@ def _routed_weight_grad(
 # Launch plans
 # ----------------------------------------------------------------------------------------------
 
-_META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 
-
-def _plan(
-    fn, name: str, dtype: torch.dtype, args: dict[str, Any], flags: tuple[str, ...], dims, grid_m=None, batch: int = 1
-) -> _Launch:
+def _plan(fn, name: str, dtype: torch.dtype, args: dict[str, Any], dims, grid_m=None, batch: int = 1) -> Launch:
     """The launch of ``fn`` with the table's config for ``name`` and the data's ``dtype`` (x's), blocks
-    shrunk (not below 16, tl.dot's minimum) to ``dims`` = (M, N, K). The grid's first axis is
-    ``grid_m(BLOCK_M)``, by default the routed kernels' row blocks:
-    sum_e ceil(rows_e / BLOCK_M) <= ceil(P / BLOCK_M) + E."""
+    shrunk to ``dims`` = (M, N, K). Its row blocks number ``grid_m(BLOCK_M)``, by default the routed
+    kernels': sum_e ceil(rows_e / BLOCK_M) <= ceil(P / BLOCK_M) + E; the grid runs column tile fastest
+    (``tile_grid``)."""
     if grid_m is None:
         pairs, num_experts = args["order_ptr"].shape[0], args["expert_offsets_ptr"].shape[0] - 1
         grid_m = lambda block_m: triton.cdiv(pairs, block_m) + num_experts  # noqa: E731
-    table = CONFIGS[name]
-    cfg = dict(table.get(_TL_NAME[dtype]) or table[_DTYPE_KEY[dtype]])
-    for key, size in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), dims):
-        cfg[key] = min(cfg[key], max(16, triton.next_power_of_2(size)))
-    # In-tile offsets are 32-bit (row, tile and expert origins 64-bit): stride x block must stay < 2^31.
-    limit = 2**31 // max(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
-    for arg, value in args.items():
-        if arg.startswith("stride_") and not arg.endswith("e") and abs(value) >= limit:
-            raise ValueError(f"routed_swiglu: {arg}={value} is too large for 32-bit in-tile offsets (< {limit})")
-    meta = {
-        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "UPCAST": backend.interpreting() and dtype != torch.float32,
-        **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
-    }
-    grid = (grid_m(cfg["BLOCK_M"]), triton.cdiv(dims[1], cfg["BLOCK_N"]), batch)
-    return _Launch(fn, name, grid, {**args, **meta}, tuple(flags) + _META, cfg["num_warps"], cfg["num_stages"])
+    cfg = table_config(CONFIGS[name], dtype, dims)
+    check_strides("routed_swiglu", args, cfg)
+    grid = tile_grid(grid_m(cfg["BLOCK_M"]), cfg, dims[1], batch)
+    return Launch(fn, name, grid, {**args, **meta_args(dtype, cfg)}, cfg["num_warps"], cfg["num_stages"])
 
 
-def _plan_gate_up(x, w1, w3, routing, g, u, h) -> _Launch:
+def _plan_gate_up(x, w1, w3, routing, g, u, h) -> Launch:
     order, offsets, top_k = routing
     (pairs, hidden), (num_experts, dim, _) = h.shape, w1.shape
     assert w1.stride() == w3.stride(), "w1 and w3 strides must match"  # ensured by routed_swiglu()
@@ -385,10 +365,10 @@ def _plan_gate_up(x, w1, w3, routing, g, u, h) -> _Launch:
         stride_we=w1.stride(0), stride_wd=w1.stride(1), stride_wf=w1.stride(2),
         stride_hm=h.stride(0), stride_hf=h.stride(1),
     )  # fmt: skip
-    return _plan(_routed_gate_up, "gate_up", x.dtype, args, (), (pairs, hidden, dim))
+    return _plan(_routed_gate_up, "gate_up", x.dtype, args, (pairs, hidden, dim))
 
 
-def _plan_rows(name, a, a2, b, b2, out, routing) -> _Launch:
+def _plan_rows(name, a, a2, b, b2, out, routing) -> Launch:
     """C[order[i]] = A[i] B_e (+ A2[i] B2_e): B, B2 [E, K, N] weights by strides (transposed views
     welcome), in the data's dtype (A may be fp32 dG/dU)."""
     order, offsets, _ = routing
@@ -402,10 +382,10 @@ def _plan_rows(name, a, a2, b, b2, out, routing) -> _Launch:
         stride_cm=out.stride(0), stride_cn=out.stride(1),
         DUAL=a2 is not a,
     )  # fmt: skip
-    return _plan(_routed_rows_matmul, name, b.dtype, args, ("DUAL",), (pairs, cols, inner))
+    return _plan(_routed_rows_matmul, name, b.dtype, args, (pairs, cols, inner))
 
 
-def _plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h) -> _Launch:
+def _plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h) -> Launch:
     order, offsets, _ = routing
     (pairs, hidden), (num_experts, _, dim) = h.shape, w2.shape
     args = dict(
@@ -416,10 +396,10 @@ def _plan_swiglu_grad(dy, w2, routing, g, u, dg, du, h) -> _Launch:
         stride_w2e=w2.stride(0), stride_w2f=w2.stride(1), stride_w2d=w2.stride(2),
         stride_hm=h.stride(0), stride_hf=h.stride(1),
     )  # fmt: skip
-    return _plan(_routed_swiglu_grad, "swiglu_grad", dy.dtype, args, (), (pairs, hidden, dim))
+    return _plan(_routed_swiglu_grad, "swiglu_grad", dy.dtype, args, (pairs, hidden, dim))
 
 
-def _plan_weight_grad(name, a, b1, b2, c1, c2, routing, a_by_token: bool, b_by_pair: bool) -> _Launch:
+def _plan_weight_grad(name, a, b1, b2, c1, c2, routing, a_by_token: bool, b_by_pair: bool) -> Launch:
     """C1_e = A_e^T B1_e (+ C2_e = A_e^T B2_e): A [rows, M] (x when a_by_token), B [rows, N], C [E, M, N]."""
     order, offsets, top_k = routing
     num_experts, rows, cols = c1.shape
@@ -431,10 +411,10 @@ def _plan_weight_grad(name, a, b1, b2, c1, c2, routing, a_by_token: bool, b_by_p
         stride_br=b1.stride(0), stride_bc=b1.stride(1),
         stride_ce=c1.stride(0), stride_cm=c1.stride(1), stride_cn=c1.stride(2),
         A_BY_TOKEN=a_by_token, B_BY_PAIR=b_by_pair, DUAL=c2 is not c1,
+        ROWS_FASTEST=a_by_token,  # dW13: the dG|dU tiles (right) outweigh x's (left): share them
     )  # fmt: skip
-    flags, dims = ("A_BY_TOKEN", "B_BY_PAIR", "DUAL"), (rows, cols, order.shape[0])
     grid_m = lambda block_m: triton.cdiv(rows, block_m)  # noqa: E731
-    return _plan(_routed_weight_grad, name, c1.dtype, args, flags, dims, grid_m, num_experts)
+    return _plan(_routed_weight_grad, name, c1.dtype, args, (rows, cols, order.shape[0]), grid_m, num_experts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,16 +560,6 @@ def routed_swiglu(x: Tensor, idx: Tensor, w1: Tensor, w3: Tensor | None, w2: Ten
 # ----------------------------------------------------------------------------------------------
 
 
-def _spec(plan: _Launch, dtype: torch.dtype) -> KernelSpec:
-    blocks = "-".join(f"B{key[-1]}{plan.args[key]}" for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    label = f"{plan.name}-{blocks}-w{plan.num_warps}-s{plan.num_stages}-{_TL_NAME[dtype]}"
-    # Exact fp32 (ieee) products run on the FMA pipes by design: no tensor cores to expect.
-    return launch_spec(
-        plan.fn, plan.args, plan.constexprs, config=label, num_warps=plan.num_warps, num_stages=plan.num_stages,
-        matmul=dtype != torch.float32,
-    )  # fmt: skip
-
-
 def compile_specs() -> list[KernelSpec]:
     """One KernelSpec per kernel x shipped config (bf16 and fp32) at ``SHIPPED_SHAPE``, planned by the
     launchers' own code on meta tensors (w1/w3 views of one packed [E, D, 2F], as the model stores
@@ -609,6 +579,5 @@ def compile_specs() -> list[KernelSpec]:
         _, g, u, forward = _forward_plans(x, w1, w3, w2, routing)
         _, backward = _backward_plans(torch.empty(pairs, dim, **meta), x, w1, w3, w2, routing, g, u, (True,) * 3)
         for plan in backward if dtype == torch.float16 else [*forward, *backward]:
-            plan.args["UPCAST"] = False  # the report compiles for GPUs, never the interpreter
-            specs.append(_spec(plan, dtype))
+            specs.append(plan_spec(plan, dtype))
     return specs

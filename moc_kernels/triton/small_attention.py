@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from moc_kernels import backend
-from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
 from moc_kernels.triton.utils import on_device
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
@@ -60,13 +60,15 @@ CONFIGS: dict[str, dict[str, dict[int, dict[str, int]]]] = {
         "fp32": {
             16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
             32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
-            64: {"BLOCK_M": 64, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
+            # 16-wide feature chunks: 32 spilled 8 B on sm_90 at dh 128/256 in the launch build.
+            64: {"BLOCK_M": 64, "BLOCK_D": 16, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1},
         },
     },
     "bwd": {
         "bf16": {64: {"BLOCK_M": 64, "MIN_L_PAD": 8, "BLOCK_D": 64, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1}},
         "fp32": {
-            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 64, "num_warps": 4, "num_stages": 1},
+            # dh > 64 in 32-wide chunks: 64 spilled 8 B on sm_80 at L8-dh128 in the launch build.
+            16: {"BLOCK_M": 16, "BLOCK_D": 64, "CHUNK_D": 32, "num_warps": 4, "num_stages": 1},
             32: {"BLOCK_M": 32, "BLOCK_D": 32, "CHUNK_D": 32, "num_warps": 8, "num_stages": 1},
             64: {"BLOCK_M": 64, "BLOCK_D": 16, "CHUNK_D": 16, "num_warps": 8, "num_stages": 1},
         },
@@ -87,18 +89,6 @@ SHIPPED_SHAPES = tuple(
 MAX_L = 64
 
 _DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
-
-
-_UNIT_STRIDES = (
-    "stride_qd",
-    "stride_kd",
-    "stride_vd",
-    "stride_od",
-    "stride_dod",
-    "stride_gd",
-    "stride_sl",
-    "stride_dsl",
-)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -380,6 +370,33 @@ def _shape_params(
     return config, block_m, l_pad, dh_pad, block_d, precision
 
 
+def _fwd_launch(q, k, v, out, entropy, lse) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of the forward kernel's launch on q, k, v [N, L, H, dh]."""
+    num_tokens, length, heads, head_dim = q.shape
+    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "fwd")
+    values = [q, k, v, out, lse, entropy, num_tokens, length, head_dim]
+    values += [*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), 1.0 / math.sqrt(head_dim)]
+    args = dict(zip(_small_attention_fwd.arg_names, values))
+    args.update(BLOCK_M=block_m, L_PAD=l_pad, DH_PAD=dh_pad, BLOCK_D=block_d, PRECISION=precision)
+    args.update(INTERPRET=backend.interpreting())
+    return (triton.cdiv(num_tokens, block_m // l_pad), heads), args, config
+
+
+def _bwd_launch(q, k, v, lse, d_out, d_entropy, dq, dk, dv) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of the backward kernel's launch (d_entropy None: unused)."""
+    num_tokens, length, heads, head_dim = q.shape
+    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "bwd")
+    has_d_entropy = d_entropy is not None
+    d_entropy_arg = d_entropy if has_d_entropy else lse  # a valid pointer the kernel never reads
+    values = [q, k, v, lse, d_out, d_entropy_arg, dq, dk, dv, num_tokens, length, head_dim]
+    values += [*q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *lse.stride(), *d_entropy_arg.stride()]
+    values += [*dq.stride(), 1.0 / math.sqrt(head_dim)]
+    args = dict(zip(_small_attention_bwd.arg_names, values))
+    args.update(BLOCK_M=block_m, L_PAD=l_pad, DH_PAD=dh_pad, BLOCK_D=block_d, PRECISION=precision)
+    args.update(INTERPRET=backend.interpreting(), HAS_D_ENTROPY=has_d_entropy)
+    return (triton.cdiv(num_tokens, block_m // l_pad), heads), args, config
+
+
 @torch.library.custom_op("moc_kernels::small_attention_fwd", mutates_args=())
 def small_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -394,34 +411,9 @@ def small_attention_fwd(
     lse = _empty((num_tokens, heads, length), torch.float32, q.device)
     if q.numel() == 0:
         return out, entropy, lse
-    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "fwd")
-    grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
+    grid, args, config = _fwd_launch(q, k, v, out, entropy, lse)
     with on_device(q):
-        _small_attention_fwd[grid](
-            q,
-            k,
-            v,
-            out,
-            lse,
-            entropy,
-            num_tokens,
-            length,
-            head_dim,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *out.stride(),
-            *lse.stride(),
-            1.0 / math.sqrt(head_dim),
-            BLOCK_M=block_m,
-            L_PAD=l_pad,
-            DH_PAD=dh_pad,
-            BLOCK_D=block_d,
-            PRECISION=precision,
-            INTERPRET=backend.interpreting(),
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _small_attention_fwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out, entropy, lse
 
 
@@ -447,43 +439,10 @@ def small_attention_bwd(
     dq, dk, dv = (_empty((num_tokens, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
-    config, block_m, l_pad, dh_pad, block_d, precision = _launch_params(q, "bwd")
     d_out = d_out.to(q.dtype)  # autograd hands the output's dtype; this only guards odd callers
-    has_d_entropy = d_entropy is not None
-    d_entropy_arg = d_entropy if has_d_entropy else lse  # a valid pointer the kernel never reads
-    grid = (triton.cdiv(num_tokens, block_m // l_pad), heads)
+    grid, args, config = _bwd_launch(q, k, v, lse, d_out, d_entropy, dq, dk, dv)
     with on_device(q):
-        _small_attention_bwd[grid](
-            q,
-            k,
-            v,
-            lse,
-            d_out,
-            d_entropy_arg,
-            dq,
-            dk,
-            dv,
-            num_tokens,
-            length,
-            head_dim,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *d_out.stride(),
-            *lse.stride(),
-            *d_entropy_arg.stride(),
-            *dq.stride(),
-            1.0 / math.sqrt(head_dim),
-            BLOCK_M=block_m,
-            L_PAD=l_pad,
-            DH_PAD=dh_pad,
-            BLOCK_D=block_d,
-            PRECISION=precision,
-            INTERPRET=backend.interpreting(),
-            HAS_D_ENTROPY=has_d_entropy,
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _small_attention_bwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return dq, dk, dv
 
 
@@ -529,47 +488,26 @@ def small_attention(
 
 
 def compile_specs() -> list[KernelSpec]:
-    """One KernelSpec per kernel x shipped (dtype, L, dh) of SHIPPED_SHAPES, with its config from CONFIGS."""
+    """One KernelSpec per kernel x shipped (dtype, L, dh) of SHIPPED_SHAPES, specialised as the JIT
+    specialises the launchers' own arguments (``_fwd_launch``, ``_bwd_launch``) at N = 16384 tokens of
+    contiguous q, k, v [N, L, H, dh] with H dh = 768 (GPT-2 small), the entropy's gradient in use."""
     specs = []
-    for direction, kernel in (("fwd", _small_attention_fwd), ("bwd", _small_attention_bwd)):
-        for dtype_key, length, head_dim in SHIPPED_SHAPES:
-            config, block_m, l_pad, dh_pad, block_d, precision = _shape_params(direction, dtype_key, length, head_dim)
-            constexprs = {
-                "BLOCK_M": block_m,
-                "L_PAD": l_pad,
-                "DH_PAD": dh_pad,
-                "BLOCK_D": block_d,
-                "PRECISION": precision,
-                "INTERPRET": False,
-            }
-            if direction == "bwd":
-                constexprs["HAS_D_ENTROPY"] = True
-            # Unit innermost strides as the launches of contiguous tensors see them (Triton specializes
-            # integer arguments equal to 1 into constants, which makes the feature loads vector loads).
-            constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name in ("lse_ptr", "entropy_ptr", "d_entropy_ptr"):
-                    signature[name] = "*fp32"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*" + dtype_key
-                elif name == "scale":
-                    signature[name] = "fp32"
-                else:
-                    signature[name] = "i32"
+    for dtype_key, length, head_dim in SHIPPED_SHAPES:
+        dtype = next(dt for dt, key in _DTYPE_KEY.items() if key == dtype_key)
+        shape = (16384, length, 768 // head_dim, head_dim)
+        q, k, v, out, d_out, dq, dk, dv = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(8))
+        rows = torch.empty(shape[0], shape[2], length, device="meta")  # [N, H, L] fp32: lse, entropy
+        for direction, kernel in (("fwd", _small_attention_fwd), ("bwd", _small_attention_bwd)):
+            if direction == "fwd":
+                _, args, config = _fwd_launch(q, k, v, out, rows, rows)
+            else:
+                _, args, config = _bwd_launch(q, k, v, rows, d_out, rows, dq, dk, dv)
             warps, stages = config["num_warps"], config["num_stages"]
-            specs.append(
-                KernelSpec(
-                    kernel=kernel.__name__,
-                    config=f"L{length}-dh{head_dim}-BM{block_m}-w{warps}-s{stages}-{dtype_key}",
-                    fn=kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=warps,
-                    num_stages=stages,
-                    matmul=dtype_key != "fp32",
-                )
+            label = f"L{length}-dh{head_dim}-BM{args['BLOCK_M']}-w{warps}-s{stages}-{dtype_key}"
+            args["INTERPRET"] = False  # the report compiles for GPUs, never the interpreter
+            spec = launch_spec(
+                kernel, args, config=label, num_warps=warps, num_stages=stages, matmul=dtype_key != "fp32"
             )
-    return specs
+            specs.append(spec)
+    # The report's order: every forward config, then every backward one.
+    return [spec for name in ("_small_attention_fwd", "_small_attention_bwd") for spec in specs if spec.kernel == name]
