@@ -32,20 +32,20 @@ import torch
 from tqdm import tqdm
 
 import moc_kernels
-from kotara.evaluate import FusionSpec
 from kotara.generate import (
+    GroupedRunner,
+    PaddedRunner,
+    PromptRow,
+    RowText,
     Sampling,
-    _Fusion,
-    _generate_batch,
-    _GroupedRunner,
-    _Model,
-    _PaddedRunner,
-    _Row,
-    _Text,
+    StepFusion,
+    StepModel,
+    generate_batch,
     handles_left_padding,
     next_tokens,
 )
 from kotara.loading import LoadedModel, model_label
+from kotara.steps import FusionSpec
 from moc_kernels.reference.fused_logit_nll import LINEAR_POOLS
 
 EXTRA_HINT = "lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
@@ -367,11 +367,11 @@ class FusedLM(HFLM):
             ids, mask = self.tok_batch_encode(
                 contexts, left_truncate_len=self.max_length - max_new, truncation=self.truncation
             )
-            rows = [_Row(k, context, ids[k][mask[k].bool()].tolist()) for k, context in enumerate(contexts)]
+            rows = [PromptRow(k, context, ids[k][mask[k].bool()].tolist()) for k, context in enumerate(contexts)]
             sampling = _sampling(kwargs)
             runners, chooser = self._decoder(sampling, generator)
-            text = _Text(self.tokenizer, self._eos_ids(), [s for s in until if s])
-            _generate_batch(runners, rows, chooser, text, max_new, self.tokenizer.pad_token_id or 0, bar)
+            text = RowText(self.tokenizer, self._eos_ids(), [s for s in until if s])
+            generate_batch(runners, rows, chooser, text, max_new, self.tokenizer.pad_token_id or 0, bar)
             for (context, gen_kwargs), row in zip(chunk, rows):
                 completion = postprocess_generated_text(self.tok_decode(row.token_ids), until, None)
                 done[(context, json.dumps(gen_kwargs, sort_keys=True, default=str))] = completion
@@ -387,15 +387,15 @@ class FusedLM(HFLM):
 
     def _decoder(self, sampling: Sampling, generator: torch.Generator | None) -> tuple[list[Any], Any]:
         """The runners to step and the next-token chooser of ``row`` (one model, or the fusion)."""
-        wrapped = [_Model.wrap(m, i) for i, m in enumerate(self.models)]
+        wrapped = [StepModel.wrap(m, i) for i, m in enumerate(self.models)]
         if self._runner_types is None:
-            self._runner_types = [_PaddedRunner if handles_left_padding(m) else _GroupedRunner for m in wrapped]
+            self._runner_types = [PaddedRunner if handles_left_padding(m) else GroupedRunner for m in wrapped]
         names = [m.name for m in self.models]
         device = self.models[0].device
         if self.row in names:
             i = names.index(self.row)
             return [self._runner_types[i](wrapped[i])], _AloneChooser(sampling, generator, device, self.vocab_columns)
-        chooser = _Fusion(
+        chooser = StepFusion(
             self.row, self.spec.temperatures, self._weights_for(self.row), sampling, generator, device,
             self.vocab_columns,
         )  # fmt: skip
@@ -403,7 +403,7 @@ class FusedLM(HFLM):
 
 
 class _AloneChooser:
-    """One model's next token (``_Fusion``'s interface): log_softmax of its logits, then greedy or a draw."""
+    """One model's next token (``StepFusion``'s interface): log_softmax of its logits, then greedy or a draw."""
 
     def __init__(self, sampling: Sampling, generator: torch.Generator | None, device: torch.device, vocab: int):
         self.sampling, self.generator, self.device, self.vocab = sampling, generator, device, vocab
