@@ -89,7 +89,10 @@ class FusedLM(HFLM):
     with a tokenizer must have the same vocabulary. batch_size, max_length, truncation,
     add_bos_token, prefix_token_id, logits_cache: as in lm-eval's ``hf`` model; ``max_length``
     defaults to the smallest of the models'. seed: the sampling draws of ``do_sample`` tasks.
+    ``progress = False`` (an attribute, as ``kotara eval --no_progress`` sets it) hides Kotara's bars.
     """
+
+    progress: bool = True
 
     def __init__(
         self,
@@ -272,7 +275,8 @@ class FusedLM(HFLM):
             group_by="contexts" if self.logits_cache else None,
             group_fn=lambda r: r[-2] + r[-1][:-1],
         )
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="kotara loglikelihood")
+        quiet = disable_tqdm or not self.progress or self.rank != 0
+        bar = tqdm(total=len(requests), disable=quiet, desc="kotara loglikelihood")
         for chunk in collator.get_batched(n=self.batch_size):
             members = self._score_chunk(collator, chunk)
             bar.update(members)
@@ -353,7 +357,8 @@ class FusedLM(HFLM):
         if self.seed is not None:
             generator = torch.Generator(device=self.models[0].device)
             generator.manual_seed(int(self.seed))
-        bar = tqdm(total=len(args), disable=disable_tqdm or self.rank != 0, desc=f"kotara generate ({self.row})")
+        quiet = disable_tqdm or not self.progress or self.rank != 0
+        bar = tqdm(total=len(args), disable=quiet, desc=f"kotara generate ({self.row})")
         for chunk in collator.get_batched(n=self.batch_size):
             contexts = [context for context, _ in chunk]
             kwargs = normalize_gen_kwargs(chunk[0][1], self.max_gen_toks)

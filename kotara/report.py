@@ -30,7 +30,7 @@ import moc_kernels
 from kotara.evaluate import EvalResult
 from kotara.generate import Generation
 from kotara.loading import LoadedModel
-from kotara.steps import FusionSpec
+from kotara.steps import BEATS_MARGIN_NATS_PER_TOKEN, FusionSpec
 from kotara.word_score import WordInput, WordResult
 
 
@@ -304,7 +304,7 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
         lines.append(
             f"{label:<24}{_ppl(result.ppl(nll)):>14}{nll / result.tokens:>12.4f}{result.bits_per_byte(nll):>11.4f}"
         )
-    best = min(nll for _, nll in rows)
+    best = min(nll for _, nll in rows) - BEATS_MARGIN_NATS_PER_TOKEN * result.tokens
     for s in result.strategies:
         nll = result.strategy_nll[s]
         mark = " *" if nll < best else ""
@@ -314,7 +314,10 @@ def format_table(result: EvalResult, spec: FusionSpec, model_paths: list[str]) -
             f"{result.bits_per_byte(nll):>11.4f}  {weights}{mark}"
         )
     lines.append("-" * len(header))
-    lines.append("* fused beats every single-model row above.  w_x: mean weight model x received.")
+    lines.append(
+        f"* fused beats every single-model row above by more than {BEATS_MARGIN_NATS_PER_TOKEN:g} nats/token "
+        "(the rounding of the sums).  w_x: mean weight model x received."
+    )
     for k, (i, j) in enumerate(result.pairs):
         corr = result.nll_pearson[k]
         lines.append(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import moc_kernels
 from kotara import words
 from kotara.loading import LoadedModel
-from kotara.steps import forward_logits, rank_and_world, sync
+from kotara.steps import BEATS_MARGIN_NATS_PER_TOKEN, forward_logits, rank_and_world, sync
 from kotara.windows import Window, batches, rolling_windows, target_positions
 
 
@@ -216,7 +216,7 @@ def format_word_table(result: WordResult, temperatures: Sequence[float], model_p
     ]
     for label, tokens, log_prob in rows:
         lines.append(f"{label:<26}{tokens:>9}{-log_prob / math.log(2):>14.2f}{result.bits_per_byte(log_prob):>11.4f}")
-    best = max(log_prob for _, _, log_prob in rows)
+    best = max(log_prob for _, _, log_prob in rows) + BEATS_MARGIN_NATS_PER_TOKEN * max(result.model_tokens)
     for s in result.strategies:
         log_prob = result.strategy_log_prob[s]
         weights = "".join(f"{w:>8.3f}" for w in result.strategy_mean_weights[s])
@@ -226,7 +226,10 @@ def format_word_table(result: WordResult, temperatures: Sequence[float], model_p
             f"{weights}{mark}"
         )
     lines.append("-" * len(header))
-    lines.append("* fused beats every single-model row.  w_x: mean weight of model x over segments.")
+    lines.append(
+        f"* fused beats every single-model row by more than {BEATS_MARGIN_NATS_PER_TOKEN:g} nats per scored token "
+        "(the rounding of the sums).  w_x: mean weight of model x over segments."
+    )
     lines.append("Token perplexity is not defined across tokenizers: fused rows have bits/byte only.")
     lines += [f"model {n}: {p}" for n, p in zip(names, model_paths)]
     lines.append(

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from kotara.cli import options
+from kotara.loading import one_line
 
 COMMANDS = ("score", "generate", "eval")
 
@@ -50,4 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, NotImplementedError) as err:
         if args.debug:
             raise
-        return options.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return options.fail(one_line(err))
+    except KeyboardInterrupt:  # Ctrl-C: one line and 130 (128 + SIGINT), as train_moe.py; nothing half-written
+        if args.debug:
+            raise
+        print(f"{options.PROG}: interrupted (results are written only when a run finishes)", file=sys.stderr)
+        return 130

@@ -63,12 +63,7 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
     if args.log_samples and not args.output_path:
         raise ValueError("--log_samples needs --output_path")
-    if args.output_path:
-        if os.path.isdir(args.output_path):
-            raise ValueError(f"--output_path {args.output_path!r} is a directory; give a file name")
-        options.check_output_dir(args.output_path, "--output_path")
-        if not os.access(os.path.dirname(os.path.abspath(args.output_path)), os.W_OK):
-            raise ValueError(f"--output_path {args.output_path!r}: its directory is not writable")
+    options.check_output_file(args.output_path, "--output_path")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("eval runs in one process: run it without torchrun")
 
@@ -100,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         models, strategy=args.strategy, tokenizer=tokenizer, temperatures=spec.temperatures, weights=spec.weights,
         poe_betas=spec.poe_betas, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
     )  # fmt: skip
+    lm.progress = not args.no_progress
     seeds = {} if args.seed is None else {
         f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
     }  # fmt: skip

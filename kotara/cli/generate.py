@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from kotara.report import format_generation, show_generations
 
     check_decoding_args(args)
+    options.check_switch_rate(args)
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts_file FILE")
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown strategy {args.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     paths, _, devices, dtypes = options.resolve_models(args)
     spec = options.fusion_spec(args, len(paths), [args.strategy])
-    options.check_output_dir(args.save_outputs, "--save_outputs")
+    options.check_output_file(args.save_outputs, "--save_outputs")
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
     tokenizer, tokenizer_path = options.load_tokenizer(args, paths)
@@ -196,7 +197,7 @@ def run_words(args: argparse.Namespace, prompts: Sequence[str], tokenizers: list
     options.check_switch_rate(args)
     paths, _, devices, dtypes = options.resolve_models(args)
     spec = options.fusion_spec(args, len(paths), [strategy])
-    options.check_output_dir(args.save_outputs, "--save_outputs")
+    options.check_output_file(args.save_outputs, "--save_outputs")
     resolved = options.resolve_tokenizers(args, paths, tokenizers)
     lms = []
     for i, (path, tok) in enumerate(zip(paths, resolved)):

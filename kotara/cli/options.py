@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -221,12 +222,24 @@ def resolve_models(args: argparse.Namespace) -> tuple[list[str], list[str], list
     return paths, device_names, resolved, dtypes
 
 
-def check_output_dir(path: str | None, flag: str) -> None:
-    """The directory that ``flag``'s file will be written into exists."""
-    if path:
-        out_dir = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"{flag}: directory {out_dir!r} does not exist")
+def check_output_file(path: str | None, flag: str) -> None:
+    """``flag``'s file can be written, checked before any model is loaded: not a directory, in a
+    directory that exists and takes a new file (a temporary one is created there and removed)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; give a file name")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{flag} {path!r}: {out_dir!r} is a file, not a directory")
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{flag}: directory {out_dir!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kotara-probe-", dir=out_dir)
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r}: cannot write into {out_dir!r} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
@@ -292,6 +305,20 @@ def load_models(
     ]
     loading.check_vocab(models, len(tokenizer))
     return models
+
+
+def check_positions(models: Sequence[LoadedModel], num_tokens: int, max_length: int) -> None:
+    """Every model has a position for each input token of the longest window of a text of ``num_tokens``
+    tokens (prefix included): min(max_length, num_tokens - 1) of them. Checked after loading (the limit is
+    in each model's config), before the first forward; a model without a stated limit is not checked."""
+    longest = min(max_length, num_tokens - 1)
+    for model in models:
+        limit = getattr(model.module.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and longest > limit:
+            raise ValueError(
+                f"--max_length {max_length}: windows of {longest} tokens, but model {model.name} ({model.path!r}) "
+                f"has {limit} positions; pass --max_length {limit} or less"
+            )
 
 
 def resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) -> list[Any]:

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be checked cheaply is checked before any model is loaded.
     check_window_args(args.max_length, args.stride)
+    options.check_switch_rate(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.chunk_bytes < 1:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     paths, device_names, devices, dtypes = options.resolve_models(args)
     spec = options.fusion_spec(args, len(paths), strategies)
     loading.read_text_pieces(args.dataset_path, args.chunk_bytes)  # missing / non-UTF-8 / empty, before loading
-    options.check_output_dir(args.save_metrics, "--save_metrics")
+    options.check_output_file(args.save_metrics, "--save_metrics")
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, tokenizer_path = options.load_tokenizer(args, paths)
         text = loading.tokenize_file(tokenizer, args.dataset_path, args.prefix_token, args.chunk_bytes)
         models = options.load_models(args, paths, devices, dtypes, tokenizer, tokenizer_path)
+        options.check_positions(models, len(text.token_ids), args.max_length)
         vocab_size = len(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         windows = rolling_windows(len(text.token_ids), args.max_length, args.stride)
@@ -144,7 +146,7 @@ def run_words(args: argparse.Namespace, tokenizers: list) -> int:
     paths, device_names, devices, dtypes = options.resolve_models(args)
     spec = options.fusion_spec(args, len(paths), strategies)
     pieces = loading.read_text_pieces(args.dataset_path, args.chunk_bytes)
-    options.check_output_dir(args.save_metrics, "--save_metrics")
+    options.check_output_file(args.save_metrics, "--save_metrics")
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
     resolved = options.resolve_tokenizers(args, paths, tokenizers)
@@ -155,6 +157,7 @@ def run_words(args: argparse.Namespace, tokenizers: list) -> int:
         for i, (path, tok) in enumerate(zip(paths, resolved)):
             model = loading.load_model(path, loading.model_label(i), devices[i], dtypes[i], args.trust_remote_code)
             items.append(prepare_input(model, tok, pieces, args.prefix_token, bounds))
+            options.check_positions([model], items[-1].token_ids.numel(), args.max_length)
         result = score_words(
             items, len(text.encode("utf-8")), len(bounds) + 1, strategies, spec.temperatures, spec.weights,
             args.max_length, args.stride, args.switch_rate, args.batch_size, progress=not args.no_progress,
