@@ -158,6 +158,8 @@ ROWS = {
         lambda w: _word_score(w, *L64, "--save_metrics", str(w["root"] / "m.json")),
         130, r"^kotara: interrupted", "interrupt"),
     "unknown flag": (lambda w: _score(w, "--max_lenght", "64"), 2, r"unrecognized arguments: --max_lenght 64", "load"),
+    "seed past 64 bits": (lambda w: _generate(w, "--do_sample", "--seed", str(2**64)), 2,
+                          r"--seed must be in \[-2\*\*63, 2\*\*64\), got 18446744073709551616", "load"),
     "no prompt file": (lambda w: _generate(w, "--prompts_file", str(w["root"] / "nope.txt")),
                        2, r"prompts file not found: '[^']*nope.txt'", "load"),
 }  # fmt: skip

@@ -138,6 +138,8 @@ def check_decoding_args(args: argparse.Namespace) -> None:
     shaping = args.top_k is not None or args.top_p is not None or args.sampling_temperature != 1.0
     if shaping and not args.do_sample:
         raise ValueError("--top_k, --top_p and --sampling_temperature shape sampling: add --do_sample")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if any(not s for s in args.stop):
         raise ValueError("--stop: a stop string must not be empty")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
