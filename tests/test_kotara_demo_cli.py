@@ -70,6 +70,7 @@ def test_demo_wrong_input_one_line_exit_2_nothing_built(tmp_path, capsys, row):
     assert _snapshot(tmp_path) == before and not (tmp_path / "demo").exists()
 
 
+@pytest.mark.slow  # builds two models and scores with --strategy all: 567 s on the VM at load 25, est. ~45 s idle
 def test_the_command_the_demo_prints_runs(tmp_path, capsys):
     """The demo at 32 positions, then its printed ``python kotara.py ...`` command, exactly as printed."""
     code, out, err = _run(demo.main, [str(tmp_path / "demo"), *TINY], capsys)
