@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -102,15 +103,34 @@ def build_gpt2(
     return directory
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (as kotara's CLI; argparse adds the usage)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, what the tokenizer or GPT-2 cannot take (ValueError, one line)."""
+    if args.vocab <= len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab must be > {len(SPECIAL_TOKENS)}, got {args.vocab}")
+    for flag in ("words", "n_layer", "n_embd", "n_head", "n_positions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.n_embd % args.n_head:
+        raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} (the heads split it)")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"out_dir {str(args.out_dir)!r} exists and is not a directory")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kotara.demo", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m kotara.demo", description=__doc__.splitlines()[0])
     p.add_argument("out_dir", type=Path, help="directory to create (text.txt, tokenizer/, model_a/, model_b/)")
     p.add_argument("--vocab", type=int, default=50257, help="tokenizer size incl. 4 special tokens (default 50257)")
     p.add_argument("--words", type=int, default=8192, help="words of text (= tokens, word-level tokenizer)")
     p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--n_embd", type=int, default=768, help="width; a multiple of --n_head")
     p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_positions", type=int, default=1024)
+    p.add_argument("--n_positions", type=int, default=1024, help="context length; the printed command uses it")
     p.add_argument(
         "--tokenizer",
         choices=["word", "bpe"],
@@ -119,8 +139,25 @@ def main(argv: list[str] | None = None) -> int:
         "(tokens start at spaces, as fusion per word needs)",
     )
     args = p.parse_args(argv)
-    if args.vocab <= len(SPECIAL_TOKENS):
-        p.error(f"--vocab must be > {len(SPECIAL_TOKENS)}, got {args.vocab}")
+    try:
+        check_args(args)
+        build(args)
+    except (ValueError, OSError) as err:
+        p.error(" ".join(str(err).split("\n")))
+    except KeyboardInterrupt:
+        print(f"{p.prog}: interrupted", file=sys.stderr)
+        return 130
+    n = args.n_positions
+    print(
+        f"built {args.out_dir}: try\n  python kotara.py --model_a {args.out_dir / 'model_a'} "
+        f"--model_b {args.out_dir / 'model_b'} --dataset_path {args.out_dir / 'text.txt'} --strategy all "
+        f"--max_length {n} --stride {n}"
+    )
+    return 0
+
+
+def build(args: argparse.Namespace) -> None:
+    """The text, the tokenizer and the two models in ``args.out_dir``."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     words = [f"w{i}" for i in range(args.vocab - len(SPECIAL_TOKENS))]
     text = write_corpus(args.out_dir / "text.txt", words, args.words)
@@ -131,11 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head)
     for name, seed in (("model_a", 1), ("model_b", 2)):
         build_gpt2(args.out_dir / name, tokenizer_dir, seed, lm_head_std=None, **shape)
-    print(
-        f"built {args.out_dir}: try\n  python kotara.py --model_a {args.out_dir / 'model_a'} "
-        f"--model_b {args.out_dir / 'model_b'} --dataset_path {text} --strategy all --max_length 1024 --stride 1024"
-    )
-    return 0
 
 
 if __name__ == "__main__":

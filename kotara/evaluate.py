@@ -20,31 +20,9 @@ from tqdm import tqdm
 import moc_kernels
 from kotara.loading import LoadedModel
 from kotara.similarity import model_pairs, pearson_from_sums, token_stats
+from kotara.steps import FusionSpec, forward_logits, rank_and_world, sync
 from kotara.windows import Batch, Window, batches, target_positions
 from kotara.words import fuse_tokens
-
-
-@dataclass
-class FusionSpec:
-    """What to fuse and how. Lists have one entry per model, in model order."""
-
-    strategies: list[str]
-    temperatures: list[float]
-    weights: list[float]  # fixed mixture weights (normalised to sum 1 by the kernel)
-    poe_betas: list[float]  # PoE exponents β_i (not normalised: Σβ ≠ 1 sharpens or flattens q)
-    # Per-token weights learnt from the past tokens (kotara.words.fuse_tokens): not one row at a time,
-    # so computed from every token's tempered log-probabilities after the pass, not by the kernel.
-    sequential: list[str] = field(default_factory=list)
-    switch_rate: float = 0.01
-
-    def groups(self) -> list[tuple[list[str], list[float]]]:
-        """Strategies grouped by the ``weights`` argument they need, so each group is one kernel call."""
-        others = [s for s in self.strategies if s != "poe"]
-        if "poe" not in self.strategies:
-            return [(others, self.weights)] if others else []
-        if self.poe_betas == self.weights:
-            return [(list(self.strategies), self.weights)]
-        return [g for g in ((others, self.weights), (["poe"], self.poe_betas)) if g[0]]
 
 
 @dataclass
@@ -151,18 +129,6 @@ class _BatchScores(NamedTuple):
     fusion_s: float  # statistics and fusion
 
 
-def _forward_logits(model: LoadedModel, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Logits [B, T, vocab_size] in the model's dtype; columns past the tokenizer are padding, dropped."""
-    out = model.module(input_ids=input_ids.to(model.device))
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[..., :vocab_size]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _score_batch(
     models: Sequence[LoadedModel], batch: Batch, spec: FusionSpec, vocab_size: int, fuse_device: torch.device
 ) -> _BatchScores:
@@ -170,25 +136,18 @@ def _score_batch(
     t0 = time.perf_counter()
     rows = []
     for model in models:
-        logits = _forward_logits(model, batch.input_ids, vocab_size)
+        logits = forward_logits(model, batch.input_ids, vocab_size)
         rows.append(logits[batch.scored.to(model.device)].to(fuse_device))  # [n, V], scored positions only
     targets = batch.targets[batch.scored].to(fuse_device)
-    _sync(fuse_device)
+    sync(fuse_device)
     t1 = time.perf_counter()
 
     stats = token_stats(rows, targets, spec.temperatures)
     fused: dict[str, moc_kernels.FusedNLL] = {}
     for group, weights in spec.groups():
         fused.update(moc_kernels.fused_logit_nll_multi(rows, targets, group, spec.temperatures, weights))
-    _sync(fuse_device)
+    sync(fuse_device)
     return _BatchScores(targets, stats, fused, t1 - t0, time.perf_counter() - t1)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size under ``torch.distributed``; (0, 1) without it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _all_reduce(
@@ -282,7 +241,7 @@ def evaluate(
     num_models, pairs = len(models), model_pairs(len(models))
     vocab_size = vocab_size or models[0].logit_columns
     fuse_device = models[0].device
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if keep_token_nll and world > 1:
         raise ValueError("keep_token_nll needs a single process")
     my_windows = list(windows)[rank::world]

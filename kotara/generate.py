@@ -116,7 +116,7 @@ def _new_cache(module: torch.nn.Module) -> Any:
 
 
 @dataclass
-class _Model:
+class StepModel:
     """A causal LM as generation calls it: how its forward takes the cache, positions and logits."""
 
     name: str
@@ -134,7 +134,7 @@ class _Model:
         self.takes_logits_to_keep = "logits_to_keep" in params
 
     @classmethod
-    def wrap(cls, model: LoadedModel | torch.nn.Module, index: int) -> _Model:
+    def wrap(cls, model: LoadedModel | torch.nn.Module, index: int) -> StepModel:
         if isinstance(model, LoadedModel):
             return cls(model.name, model.module, model.device, model.logit_columns)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -164,10 +164,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-class _PaddedRunner:
+class PaddedRunner:
     """One model stepped over the whole left-padded batch, one cache, an attention mask over it."""
 
-    def __init__(self, model: _Model) -> None:
+    def __init__(self, model: StepModel) -> None:
         self.model = model
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,11 +187,11 @@ class _PaddedRunner:
         self.mask = self.mask[rows]
 
 
-class _GroupedRunner:
+class GroupedRunner:
     """One model that cannot take left padding: the batch split into groups of equal prompt length,
     each unpadded with its own cache (all rows of a group then stay equally long)."""
 
-    def __init__(self, model: _Model) -> None:
+    def __init__(self, model: StepModel) -> None:
         self.model = model
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class _GroupedRunner:
 
 
 @torch.no_grad()
-def handles_left_padding(model: _Model) -> bool:
+def handles_left_padding(model: StepModel) -> bool:
     """Whether a left-padded row gives the logits of the same row unpadded (mask and positions honoured).
 
     Checked once per model on a 2-token batch. A model that raises on padding (``LunarisForCausalLM``)
@@ -239,8 +239,8 @@ def handles_left_padding(model: _Model) -> bool:
     tokens = torch.tensor([[1, 2], [0, 2]], device=model.device)
     mask = torch.tensor([[1, 1], [0, 1]], device=model.device)
     try:
-        padded = _PaddedRunner(model).prefill(tokens, mask)[1]
-        alone = _PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0]
+        padded = PaddedRunner(model).prefill(tokens, mask)[1]
+        alone = PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0]
     except (ValueError, RuntimeError, TypeError, NotImplementedError):
         return False
     # Different shapes round differently: ~1e-6 relative in fp32, up to ~1e-2 through a deep bf16 model.
@@ -253,7 +253,7 @@ def handles_left_padding(model: _Model) -> bool:
 
 
 @dataclass
-class _Row:
+class PromptRow:
     """A prompt being completed."""
 
     index: int  # in the prompts list
@@ -265,7 +265,7 @@ class _Row:
     stop_at: int | None = None  # where the completion text is cut (a stop string starts there)
 
 
-class _Text:
+class RowText:
     """Decoding a row: EOS, stop strings, the completion text.
 
     The completion is decoded together with the prompt and the prompt's own decoding is cut off, so
@@ -275,14 +275,14 @@ class _Text:
     def __init__(self, tokenizer: Any, eos_ids: set[int], stops: Sequence[str]) -> None:
         self.tokenizer, self.eos_ids, self.stops = tokenizer, eos_ids, list(stops)
 
-    def _decode(self, row: _Row, token_ids: list[int]) -> str:
+    def _decode(self, row: PromptRow, token_ids: list[int]) -> str:
         prefix = self.tokenizer.decode(row.prompt_ids, skip_special_tokens=True)
         full = self.tokenizer.decode(row.prompt_ids + token_ids, skip_special_tokens=True)
         if full.startswith(prefix):
             return full[len(prefix) :]
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def update(self, row: _Row) -> None:
+    def update(self, row: PromptRow) -> None:
         """Set ``finish_reason`` if the row's last token ends it."""
         if row.token_ids[-1] in self.eos_ids:
             row.finish_reason = "eos"
@@ -292,7 +292,7 @@ class _Text:
             if found:
                 row.finish_reason, row.stop_at = "stop", min(found)
 
-    def completion(self, row: _Row) -> str:
+    def completion(self, row: PromptRow) -> str:
         ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
         return self._decode(row, ids)[: row.stop_at]
 
@@ -301,7 +301,7 @@ class _Text:
 
 
 @dataclass
-class _Fusion:
+class StepFusion:
     strategy: str
     temperatures: list[float] | None
     weights: list[float] | None
@@ -319,7 +319,7 @@ class _Fusion:
         return next_tokens(log_q, self.sampling, self.generator), alphas.t()
 
 
-def _left_pad(rows: list[_Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: list[PromptRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
@@ -329,8 +329,14 @@ def _left_pad(rows: list[_Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return input_ids, mask
 
 
-def _generate_batch(
-    runners: list[Any], rows: list[_Row], fusion: _Fusion, text: _Text, max_new_tokens: int, pad_id: int, bar: tqdm
+def generate_batch(
+    runners: list[Any],
+    rows: list[PromptRow],
+    fusion: StepFusion,
+    text: RowText,
+    max_new_tokens: int,
+    pad_id: int,
+    bar: tqdm,
 ) -> None:
     """Complete ``rows`` in place: prefill every model, then one fused step per new token."""
     input_ids, mask = _left_pad(rows, pad_id)
@@ -361,18 +367,18 @@ def _generate_batch(
             bar.update(1)
 
 
-def _encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix: str | None) -> list[_Row]:
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix: str | None) -> list[PromptRow]:
     _, prefix_id = resolve_prefix(tokenizer, prefix)
     rows = []
     for index, prompt in enumerate(prompts):
         ids = ([] if prefix_id is None else [prefix_id]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"prompt {index + 1} is empty and the tokenizer has no BOS to start from")
-        rows.append(_Row(index, prompt, ids))
+        rows.append(PromptRow(index, prompt, ids))
     return rows
 
 
-def _check_models(models: list[_Model], rows: list[_Row], vocab_size: int, max_new_tokens: int) -> None:
+def _check_models(models: list[StepModel], rows: list[PromptRow], vocab_size: int, max_new_tokens: int) -> None:
     longest = max(rows, key=lambda r: len(r.prompt_ids))
     for model in models:
         if model.columns < vocab_size:
@@ -443,7 +449,7 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(not s for s in stop):
         raise ValueError("a stop string must not be empty")
-    wrapped = [_Model.wrap(m, i) for i, m in enumerate(models)]
+    wrapped = [StepModel.wrap(m, i) for i, m in enumerate(models)]
     vocab_size = len(tokenizer)
     rows = _encode_prompts(tokenizer, prompts, prefix_token)
     _check_models(wrapped, rows, vocab_size, max_new_tokens)
@@ -456,16 +462,16 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    fusion = _Fusion(strategy, temperatures, weights, sampling, generator, device, vocab_size)
+    fusion = StepFusion(strategy, temperatures, weights, sampling, generator, device, vocab_size)
     eos_ids = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     eos_set = set() if eos_ids is None else ({eos_ids} if isinstance(eos_ids, int) else set(eos_ids))
-    text = _Text(tokenizer, eos_set, stop)
-    runner_types = [_PaddedRunner if handles_left_padding(m) else _GroupedRunner for m in wrapped]
+    text = RowText(tokenizer, eos_set, stop)
+    runner_types = [PaddedRunner if handles_left_padding(m) else GroupedRunner for m in wrapped]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with tqdm(total=len(rows), desc="kotara generate", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
             runners = [kind(m) for kind, m in zip(runner_types, wrapped)]
-            _generate_batch(runners, rows[start : start + batch_size], fusion, text, max_new_tokens, pad_id, bar)
+            generate_batch(runners, rows[start : start + batch_size], fusion, text, max_new_tokens, pad_id, bar)
     return [
         Generation(r.prompt, text.completion(r), r.token_ids, r.weights, strategy, str(r.finish_reason)) for r in rows
     ]

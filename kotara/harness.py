@@ -32,20 +32,20 @@ import torch
 from tqdm import tqdm
 
 import moc_kernels
-from kotara.evaluate import FusionSpec
 from kotara.generate import (
+    GroupedRunner,
+    PaddedRunner,
+    PromptRow,
+    RowText,
     Sampling,
-    _Fusion,
-    _generate_batch,
-    _GroupedRunner,
-    _Model,
-    _PaddedRunner,
-    _Row,
-    _Text,
+    StepFusion,
+    StepModel,
+    generate_batch,
     handles_left_padding,
     next_tokens,
 )
 from kotara.loading import LoadedModel, model_label
+from kotara.steps import FusionSpec
 from moc_kernels.reference.fused_logit_nll import LINEAR_POOLS
 
 EXTRA_HINT = "lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
@@ -89,7 +89,10 @@ class FusedLM(HFLM):
     with a tokenizer must have the same vocabulary. batch_size, max_length, truncation,
     add_bos_token, prefix_token_id, logits_cache: as in lm-eval's ``hf`` model; ``max_length``
     defaults to the smallest of the models'. seed: the sampling draws of ``do_sample`` tasks.
+    ``progress = False`` (an attribute, as ``kotara eval --no_progress`` sets it) hides Kotara's bars.
     """
+
+    progress: bool = True
 
     def __init__(
         self,
@@ -272,7 +275,8 @@ class FusedLM(HFLM):
             group_by="contexts" if self.logits_cache else None,
             group_fn=lambda r: r[-2] + r[-1][:-1],
         )
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="kotara loglikelihood")
+        quiet = disable_tqdm or not self.progress or self.rank != 0
+        bar = tqdm(total=len(requests), disable=quiet, desc="kotara loglikelihood")
         for chunk in collator.get_batched(n=self.batch_size):
             members = self._score_chunk(collator, chunk)
             bar.update(members)
@@ -353,7 +357,8 @@ class FusedLM(HFLM):
         if self.seed is not None:
             generator = torch.Generator(device=self.models[0].device)
             generator.manual_seed(int(self.seed))
-        bar = tqdm(total=len(args), disable=disable_tqdm or self.rank != 0, desc=f"kotara generate ({self.row})")
+        quiet = disable_tqdm or not self.progress or self.rank != 0
+        bar = tqdm(total=len(args), disable=quiet, desc=f"kotara generate ({self.row})")
         for chunk in collator.get_batched(n=self.batch_size):
             contexts = [context for context, _ in chunk]
             kwargs = normalize_gen_kwargs(chunk[0][1], self.max_gen_toks)
@@ -367,11 +372,11 @@ class FusedLM(HFLM):
             ids, mask = self.tok_batch_encode(
                 contexts, left_truncate_len=self.max_length - max_new, truncation=self.truncation
             )
-            rows = [_Row(k, context, ids[k][mask[k].bool()].tolist()) for k, context in enumerate(contexts)]
+            rows = [PromptRow(k, context, ids[k][mask[k].bool()].tolist()) for k, context in enumerate(contexts)]
             sampling = _sampling(kwargs)
             runners, chooser = self._decoder(sampling, generator)
-            text = _Text(self.tokenizer, self._eos_ids(), [s for s in until if s])
-            _generate_batch(runners, rows, chooser, text, max_new, self.tokenizer.pad_token_id or 0, bar)
+            text = RowText(self.tokenizer, self._eos_ids(), [s for s in until if s])
+            generate_batch(runners, rows, chooser, text, max_new, self.tokenizer.pad_token_id or 0, bar)
             for (context, gen_kwargs), row in zip(chunk, rows):
                 completion = postprocess_generated_text(self.tok_decode(row.token_ids), until, None)
                 done[(context, json.dumps(gen_kwargs, sort_keys=True, default=str))] = completion
@@ -387,15 +392,15 @@ class FusedLM(HFLM):
 
     def _decoder(self, sampling: Sampling, generator: torch.Generator | None) -> tuple[list[Any], Any]:
         """The runners to step and the next-token chooser of ``row`` (one model, or the fusion)."""
-        wrapped = [_Model.wrap(m, i) for i, m in enumerate(self.models)]
+        wrapped = [StepModel.wrap(m, i) for i, m in enumerate(self.models)]
         if self._runner_types is None:
-            self._runner_types = [_PaddedRunner if handles_left_padding(m) else _GroupedRunner for m in wrapped]
+            self._runner_types = [PaddedRunner if handles_left_padding(m) else GroupedRunner for m in wrapped]
         names = [m.name for m in self.models]
         device = self.models[0].device
         if self.row in names:
             i = names.index(self.row)
             return [self._runner_types[i](wrapped[i])], _AloneChooser(sampling, generator, device, self.vocab_columns)
-        chooser = _Fusion(
+        chooser = StepFusion(
             self.row, self.spec.temperatures, self._weights_for(self.row), sampling, generator, device,
             self.vocab_columns,
         )  # fmt: skip
@@ -403,7 +408,7 @@ class FusedLM(HFLM):
 
 
 class _AloneChooser:
-    """One model's next token (``_Fusion``'s interface): log_softmax of its logits, then greedy or a draw."""
+    """One model's next token (``StepFusion``'s interface): log_softmax of its logits, then greedy or a draw."""
 
     def __init__(self, sampling: Sampling, generator: torch.Generator | None, device: torch.device, vocab: int):
         self.sampling, self.generator, self.device, self.vocab = sampling, generator, device, vocab

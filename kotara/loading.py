@@ -40,6 +40,12 @@ class LoadedModel:
     logit_columns: int  # width of the model's output layer (may exceed vocab_size: padding)
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's whole message on one line (libraries' messages span lines; cutting at the first
+    left "... from one of: " with the list gone)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
 def model_label(index: int) -> str:
     """'a', 'b', …, 'z', then 'm27', … (the original tool's keys are model_a/model_b)."""
     return chr(ord("a") + index) if index < 26 else f"m{index + 1}"
@@ -123,8 +129,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
             # The directory's config may name a model type only the project's `model` package registers.
             _register_project_models()
             return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - missing files, a damaged tokenizer.json (tokenizers' Exception), ...
+        raise ValueError(f"cannot load a tokenizer from {path!r}: {one_line(err)}") from None
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -210,10 +216,10 @@ def load_model(
         _register_project_models()
         try:
             module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except (ValueError, KeyError, OSError) as err:
-            raise ValueError(f"cannot load model {name} from {path!r}: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise ValueError(f"cannot load model {name} from {path!r}: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 - as below, and an unknown type stays unknown
+            raise ValueError(f"cannot load model {name} from {path!r}: {one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - a missing or damaged file (OSError, safetensors' SafetensorError, ...)
+        raise ValueError(f"cannot load model {name} from {path!r}: {one_line(err)}") from None
     module = module.to(device).eval()
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False  # scoring never generates: no KV cache to allocate per forward

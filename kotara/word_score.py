@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import moc_kernels
 from kotara import words
-from kotara.evaluate import _forward_logits, _sync
 from kotara.loading import LoadedModel
+from kotara.steps import BEATS_MARGIN_NATS_PER_TOKEN, forward_logits, rank_and_world, sync
 from kotara.windows import Window, batches, rolling_windows, target_positions
 
 
@@ -102,12 +102,6 @@ def prepare_input(
     )
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def position_log_probs(
     item: WordInput,
@@ -122,7 +116,7 @@ def position_log_probs(
     ``torch.distributed`` this rank scores every world_size-th window and the arrays are summed
     across ranks (positions are disjoint), so every rank returns the whole text's.
     """
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     model, num_targets = item.model, item.token_ids.numel() - 1
     mine = list(windows)[rank::world]
     out = {t: torch.zeros(2, num_targets, dtype=torch.float64) for t in dict.fromkeys(temperatures)}
@@ -133,10 +127,10 @@ def position_log_probs(
         group = mine[start : start + batch_size]
         batch = next(batches(item.token_ids, group, batch_size, item.pad_id))
         t0 = time.perf_counter()
-        logits = _forward_logits(model, batch.input_ids, item.vocab_size)
+        logits = forward_logits(model, batch.input_ids, item.vocab_size)
         scored = batch.scored.to(model.device)
         rows, targets = logits[scored], batch.targets.to(model.device)[scored]
-        _sync(model.device)
+        sync(model.device)
         t1 = time.perf_counter()
         positions = target_positions(group) - 1
         for temperature, arrays in out.items():
@@ -186,7 +180,7 @@ def score_words(
     fused = {s: words.fuse(table, s, fixed, switch_rate) for s in strategies}
     op_s += time.perf_counter() - t0
     timings = torch.tensor([time.perf_counter() - start, forward_s, op_s], dtype=torch.float64)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if world > 1:
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
     return WordResult(
@@ -222,7 +216,7 @@ def format_word_table(result: WordResult, temperatures: Sequence[float], model_p
     ]
     for label, tokens, log_prob in rows:
         lines.append(f"{label:<26}{tokens:>9}{-log_prob / math.log(2):>14.2f}{result.bits_per_byte(log_prob):>11.4f}")
-    best = max(log_prob for _, _, log_prob in rows)
+    best = max(log_prob for _, _, log_prob in rows) + BEATS_MARGIN_NATS_PER_TOKEN * max(result.model_tokens)
     for s in result.strategies:
         log_prob = result.strategy_log_prob[s]
         weights = "".join(f"{w:>8.3f}" for w in result.strategy_mean_weights[s])
@@ -232,7 +226,10 @@ def format_word_table(result: WordResult, temperatures: Sequence[float], model_p
             f"{weights}{mark}"
         )
     lines.append("-" * len(header))
-    lines.append("* fused beats every single-model row.  w_x: mean weight of model x over segments.")
+    lines.append(
+        f"* fused beats every single-model row by more than {BEATS_MARGIN_NATS_PER_TOKEN:g} nats per scored token "
+        "(the rounding of the sums).  w_x: mean weight of model x over segments."
+    )
     lines.append("Token perplexity is not defined across tokenizers: fused rows have bits/byte only.")
     lines += [f"model {n}: {p}" for n, p in zip(names, model_paths)]
     lines.append(
@@ -243,23 +240,7 @@ def format_word_table(result: WordResult, temperatures: Sequence[float], model_p
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------ the CLI's word path
-
-LOGIT_ONLY = ("average", "poe", "entropy", "gap", "mixture_entropy", "mixture_gap")
-
-
-def word_strategies(name: str | None) -> list[str]:
-    """The word-level strategies ``--strategy`` asks for (default and 'all': the three)."""
-    if name in (None, "all"):
-        return list(words.WORD_STRATEGIES)
-    if name in words.WORD_STRATEGIES:
-        return [name]
-    if name in LOGIT_ONLY:
-        raise ValueError(
-            f"--strategy {name} combines the models' logits token by token, which needs one shared vocabulary; "
-            f"fused per word use {', '.join(words.WORD_STRATEGIES)} or all"
-        )
-    raise ValueError(f"unknown strategy {name!r}; fused per word: {', '.join(words.WORD_STRATEGIES)}, or all")
+# ------------------------------------------------------------------------------------ each model's own tokenizer
 
 
 def own_tokenizers(paths: Sequence[str], trust_remote_code: bool) -> list[Any | None]:
@@ -287,111 +268,3 @@ def tokenizers_differ(tokenizers: Sequence[Any | None]) -> bool:
     """Whether two of the models' own tokenizers map ids to different tokens."""
     vocabs = [t.get_vocab() for t in tokenizers if t is not None]
     return any(v != vocabs[0] for v in vocabs[1:])
-
-
-def _resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) -> list[Any]:
-    from kotara import loading
-
-    if args.tokenizer and tokenizers_differ(own):
-        raise ValueError(
-            "--tokenizer names one shared tokenizer, but the models' own tokenizers differ: drop it "
-            "(fused per word, each model reads the text with its own)"
-        )
-    shared = loading.load_tokenizer(args.tokenizer, args.trust_remote_code) if args.tokenizer else None
-    out = []
-    for i, (path, tok) in enumerate(zip(paths, own)):
-        if tok is None and shared is None:
-            raise ValueError(f"model {loading.model_label(i)} ({path!r}) has no tokenizer; pass --tokenizer")
-        out.append(tok if tok is not None else shared)
-    return out
-
-
-def build_word_metrics(result: WordResult, args: Any, spec: Any, paths, items, config: dict) -> dict[str, Any]:
-    """The ``--save_metrics`` JSON of the word path: the token path's shape where it applies
-    (``bits_per_byte[label]``, ``bits_per_byte[strategy]``, ``models[i]`` with its own ``tokens``),
-    plus ``fusion_unit: "word"`` and ``segments``; no fused perplexity (undefined across tokenizers)."""
-    names = result.model_names
-    single = args.strategy not in (None, "all")
-    ln2 = math.log(2.0)
-    mean_weights = {
-        s: {f"w_{n}_mean": w for n, w in zip(names, result.strategy_mean_weights[s])} for s in result.strategies
-    }
-    models = []
-    for i, (name, path, item) in enumerate(zip(names, paths, items)):
-        tokens, log_prob = result.model_tokens[i], result.model_log_prob[i]
-        models.append({
-            "name": name, "path": path, "tokens": tokens, "nll": -log_prob, "nll_per_token": -log_prob / tokens,
-            "ppl": math.exp(-log_prob / tokens), "bits_per_byte": result.bits_per_byte(log_prob),
-            "nll_at_temperature": -result.model_log_prob_at_temperature[i],
-            "bits_per_byte_at_temperature": result.bits_per_byte(result.model_log_prob_at_temperature[i]),
-            "temperature": spec.temperatures[i], "weight": spec.weights[i], "vocab_size": item.vocab_size,
-            "word_start_tokens": int(item.in_set.sum()), "prefix_token": {"kind": item.prefix, "id": item.prefix_id},
-        })  # fmt: skip
-    return {
-        "fusion_unit": "word",
-        "segments": result.segments,
-        "strategy": args.strategy or "all",
-        "temps": dict(zip(names, spec.temperatures)),
-        "weights": mean_weights[args.strategy] if single else mean_weights,
-        "switch_rate": args.switch_rate,
-        "config": config,
-        "bytes": result.num_bytes,
-        "bits_per_byte": {n: result.bits_per_byte(lp) for n, lp in zip(names, result.model_log_prob)}
-        | {s: result.bits_per_byte(result.strategy_log_prob[s]) for s in result.strategies},
-        "models": models,
-        "strategies": {
-            s: {
-                "neg_log2_prob": -result.strategy_log_prob[s] / ln2,
-                "bits_per_byte": result.bits_per_byte(result.strategy_log_prob[s]),
-                "gain_vs_best_model_bits_per_byte": min(result.bits_per_byte(lp) for lp in result.model_log_prob)
-                - result.bits_per_byte(result.strategy_log_prob[s]),
-                "mean_weights": mean_weights[s],
-            }
-            for s in result.strategies
-        },
-        "throughput": {
-            "elapsed_s": result.elapsed_s,
-            "forward_s": result.forward_s,
-            "op_and_fusion_s": result.fusion_s,
-            "world_size": result.world_size,
-        },
-    }
-
-
-def run_word_score(args: Any, tokenizers: list[Any | None]) -> int:
-    """``kotara score`` fused per word: every check, then load, score, print and save."""
-    from kotara import cli, loading
-    from kotara.report import run_config, write_json_atomic
-
-    strategies = word_strategies(args.strategy)
-    if not 0.0 <= args.switch_rate <= 1.0:
-        raise ValueError(f"--switch_rate must be in [0, 1], got {args.switch_rate}")
-    paths, device_names, devices, dtypes = cli._resolve_models(args)
-    spec = cli._fusion_spec(args, len(paths), strategies)
-    pieces = loading.read_text_pieces(args.dataset_path, args.chunk_bytes)
-    cli._check_output_dir(args.save_metrics, "--save_metrics")
-    if args.kernels:
-        moc_kernels.set_backend(args.kernels)
-    resolved = _resolve_tokenizers(args, paths, tokenizers)
-    text = "".join(pieces)
-    bounds = words.boundaries(text)
-    with cli._process_group(devices) as rank:
-        items = []
-        for i, (path, tok) in enumerate(zip(paths, resolved)):
-            model = loading.load_model(path, loading.model_label(i), devices[i], dtypes[i], args.trust_remote_code)
-            items.append(prepare_input(model, tok, pieces, args.prefix_token, bounds))
-        result = score_words(
-            items, len(text.encode("utf-8")), len(bounds) + 1, strategies, spec.temperatures, spec.weights,
-            args.max_length, args.stride, args.switch_rate, args.batch_size, progress=not args.no_progress,
-        )  # fmt: skip
-        if rank == 0:
-            print(format_word_table(result, spec.temperatures, paths))
-            if args.save_metrics:
-                config = run_config(
-                    args, paths, [item.model for item in items], device_names, devices, dtypes, tokenizer=None,
-                    vocab_size=[item.vocab_size for item in items], windows=None, world_size=result.world_size,
-                    protocol="each model's own rolling windows (DESIGN §5), fused per closed word (DESIGN §5c)",
-                )  # fmt: skip
-                write_json_atomic(args.save_metrics, build_word_metrics(result, args, spec, paths, items, config))
-                print(f"metrics saved to {args.save_metrics}")
-    return 0

@@ -212,7 +212,7 @@ def test_torchrun_rank_selects_its_gpu_before_nccl_init_and_leaves_the_group(mon
     """Under torchrun with CUDA devices, each rank makes cuda:LOCAL_RANK current before the process
     group exists (NCCL communicates on the current device), and every rank leaves the group: after
     a barrier when scoring ends, at once when it raises."""
-    from kotara import cli
+    from kotara.cli import options
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -222,11 +222,11 @@ def test_torchrun_rank_selects_its_gpu_before_nccl_init_and_leaves_the_group(mon
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append(("barrier",)))
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append(("destroy",)))
-    with cli._process_group([torch.device("cuda", 1), torch.device("cuda", 1)]) as rank:
+    with options.process_group([torch.device("cuda", 1), torch.device("cuda", 1)]) as rank:
         assert rank == 1 and calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
     assert calls[2:] == [("barrier",), ("destroy",)]
     calls.clear()
-    with pytest.raises(ValueError), cli._process_group([torch.device("cpu")]):
+    with pytest.raises(ValueError), options.process_group([torch.device("cpu")]):
         raise ValueError("a rank fails: no barrier (the other rank may never reach it)")
     assert calls == [("init", "gloo"), ("destroy",)]
 

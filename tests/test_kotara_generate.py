@@ -26,7 +26,7 @@ from test_kotara_support import build_tokenizer, one_torch_thread, write_corpus 
 import moc_kernels as mk
 from kotara import generate, loading
 from kotara.cli import main
-from kotara.generate import FINISH_REASONS, _Model, handles_left_padding, restrict_support
+from kotara.generate import FINISH_REASONS, StepModel, handles_left_padding, restrict_support
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["the model of", "a", "token is not the a of to and", "window stride entropy"]
@@ -119,8 +119,8 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def test_padding_check_tells_our_model_from_the_hf_ones(workspace):
     gpt2, llama, lunaris = _load(workspace, "a", "llama", "lunaris")
-    assert handles_left_padding(_Model.wrap(gpt2, 0)) and handles_left_padding(_Model.wrap(llama, 1))
-    assert handles_left_padding(_Model.wrap(lunaris, 2))  # it takes padded batches (mask and positions)
+    assert handles_left_padding(StepModel.wrap(gpt2, 0)) and handles_left_padding(StepModel.wrap(llama, 1))
+    assert handles_left_padding(StepModel.wrap(lunaris, 2))  # it takes padded batches (mask and positions)
 
 
 @pytest.mark.parametrize("kind", ["a", "llama", "lunaris"])

@@ -1,7 +1,8 @@
-"""``kotara eval``: the fused model on lm-evaluation-harness tasks (its parser and runner).
+"""``kotara eval``: the fused model on lm-evaluation-harness tasks.
 
-The model, fusion and device flags are ``kotara.cli``'s, shared with ``score`` and ``generate``;
-the lm-eval model itself is ``kotara.harness.FusedLM``.
+Parse (``build_parser``; the model, fusion and device flags are ``kotara.cli.options``', shared
+with ``score`` and ``generate``) -> resolve -> evaluate with the library (``kotara.harness.FusedLM``
+and ``evaluate_rows``, tasks from ``kotara.tasks``) -> report (``kotara.harness_report``).
 """
 
 from __future__ import annotations
@@ -10,31 +11,21 @@ import argparse
 import os
 
 import moc_kernels
-from kotara.cli import (
-    PROG,
-    STRATEGIES,
-    _add_fusion_flags,
-    _add_model_flags,
-    _check_output_dir,
-    _fusion_spec,
-    _load_models,
-    _load_tokenizer,
-    _Parser,
-    _resolve_models,
-    _strategies,
-)
+from kotara.cli import options
+from kotara.cli.options import PROG
+from moc_kernels import STRATEGIES
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The ``eval`` command's parser (lm-evaluation-harness tasks on the fused model)."""
-    p = _Parser(
+    p = options.Parser(
         prog=f"{PROG} eval",
         description="Evaluate the fused model of two or more causal LMs on lm-evaluation-harness tasks "
         "(needs the 'eval' extra: pip install -e '.[eval]'). Tokenisation, truncation and batching are lm-eval's "
         "'hf' model's; --strategy all scores each model alone and every strategy from one set of forwards.",
     )
-    _add_model_flags(p)
-    _add_fusion_flags(
+    options.add_model_flags(p)
+    options.add_fusion_flags(
         p, f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy"
     )
     t = p.add_argument_group("tasks")
@@ -61,7 +52,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_eval_args(args: argparse.Namespace) -> None:
+def check_eval_args(args: argparse.Namespace) -> None:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     if args.limit is not None and not args.limit > 0:
@@ -72,21 +63,16 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
     if args.log_samples and not args.output_path:
         raise ValueError("--log_samples needs --output_path")
-    if args.output_path:
-        if os.path.isdir(args.output_path):
-            raise ValueError(f"--output_path {args.output_path!r} is a directory; give a file name")
-        _check_output_dir(args.output_path, "--output_path")
-        if not os.access(os.path.dirname(os.path.abspath(args.output_path)), os.W_OK):
-            raise ValueError(f"--output_path {args.output_path!r}: its directory is not writable")
+    options.check_output_file(args.output_path, "--output_path")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("eval runs in one process: run it without torchrun")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``kotara eval``: lm-eval tasks on each row (the fusion, or with ``all`` each model and strategy)."""
-    _check_eval_args(args)
-    strategies = _strategies(args.strategy)
-    _quiet_lm_eval(args.no_progress)
+    check_eval_args(args)
+    strategies = options.strategies(args.strategy)
+    quiet_lm_eval(args.no_progress)
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -98,17 +84,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from kotara.report import write_json_atomic
     from kotara.tasks import resolve_tasks
 
-    paths, _, devices, dtypes = _resolve_models(args)
-    spec = _fusion_spec(args, len(paths), strategies)
+    paths, _, devices, dtypes = options.resolve_models(args)
+    spec = options.fusion_spec(args, len(paths), strategies)
     tasks, manager = resolve_tasks(args.tasks, args.include_path)
     if args.kernels:
         moc_kernels.set_backend(args.kernels)
-    tokenizer, tokenizer_path = _load_tokenizer(args, paths)
-    models = _load_models(args, paths, devices, dtypes, tokenizer, tokenizer_path)
+    tokenizer, tokenizer_path = options.load_tokenizer(args, paths)
+    models = options.load_models(args, paths, devices, dtypes, tokenizer, tokenizer_path)
     lm = FusedLM(
         models, strategy=args.strategy, tokenizer=tokenizer, temperatures=spec.temperatures, weights=spec.weights,
         poe_betas=spec.poe_betas, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
     )  # fmt: skip
+    lm.progress = not args.no_progress
     seeds = {} if args.seed is None else {
         f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
     }  # fmt: skip
@@ -133,7 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_lm_eval(no_progress: bool) -> None:
+def quiet_lm_eval(no_progress: bool) -> None:
     """lm-eval logs every task and request at INFO/WARNING; the table is what Kotara prints.
 
     tqdm reads TQDM_DISABLE when a bar is made, so setting it here silences lm-eval's bars too.
