@@ -35,7 +35,24 @@ def build_eval_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(p)
     _add_fusion_flags(
-        p, f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy"
+        p,
+        f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy. Per word "
+        "(--fusion_unit word, and models whose tokenizers differ): mixture, mixture_bayes, mixture_switch or all "
+        "(default)",
+        default=None,
+    )
+    w = p.add_argument_group("fusion across tokenizers (DESIGN §5b, §5c)")
+    w.add_argument(
+        "--fusion_unit",
+        choices=["token", "word"],
+        default=None,
+        help="token: fuse the logits per token (one vocabulary); word: the closed-word mixture, each model reading "
+        "the requests with its own tokenizer (kotara.harness_words). Default: word when the tokenizers differ. "
+        "Per word, a request whose continuation does not start a token for some model (or a model that merges "
+        "across a word boundary) fails the run with one line, as lm-eval fails on its other errors (no skipping)",
+    )
+    w.add_argument(
+        "--switch_rate", type=float, default=0.01, help="mixture_switch's share alpha moved back to 1/M per word"
     )
     t = p.add_argument_group("tasks")
     t.add_argument(
@@ -85,7 +102,6 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``kotara eval``: lm-eval tasks on each row (the fusion, or with ``all`` each model and strategy)."""
     _check_eval_args(args)
-    strategies = _strategies(args.strategy)
     _quiet_lm_eval(args.no_progress)
     try:
         import lm_eval  # noqa: F401
@@ -93,6 +109,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(
             "kotara eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
         ) from None
+    if args.fusion_unit != "token":  # models whose tokenizers differ are fused per word (kotara.harness_words)
+        from kotara import word_score
+        from kotara.cli import _model_paths
+
+        tokenizers = word_score.own_tokenizers(_model_paths(args), args.trust_remote_code)
+        if args.fusion_unit == "word" or word_score.tokenizers_differ(tokenizers):
+            from kotara.harness_words import run_word_eval
+
+            return run_word_eval(args, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    strategies = _strategies(args.strategy)
     from kotara.harness import FusedLM, evaluate_rows
     from kotara.harness_report import format_rows, rows_json
     from kotara.report import write_json_atomic
