@@ -32,6 +32,7 @@ as ``hf`` does. No KV cache on this path: every step runs each model over its wh
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ GENERATION_KEYS = {"do_sample", "temperature", "until", "max_gen_toks"}
 DEFAULT_MAX_LENGTH = 2048  # HFLM's when neither the models nor the tokenizer say
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's
 GREEDY_PIECE_TOKENS = 64  # is_greedy: the most tokens one proposed piece may have (then it is cut, open)
+
+
+def _quiet() -> bool:
+    return os.environ.get("TQDM_DISABLE") == "1"  # kotara eval --no_progress (lm-eval passes disable=False)
 
 
 def word_strategies(strategy: str) -> list[str]:
@@ -146,6 +151,7 @@ def read(reader: _Reader, context: str, continuation: str) -> _Reading:
     else:
         full, starts, lead = reader.encode(text)
         starts = starts[lead:]
+        words.check_token_starts(starts, text, reader.name, words.boundaries(text))
         ctx_ids, _, _ = reader.encode(context)
         context_tokens = len(ctx_ids) - lead
         if continuation and (
@@ -155,6 +161,7 @@ def read(reader: _Reader, context: str, continuation: str) -> _Reading:
                 f"model {reader.name}: no token starts where the continuation starts ({context[-20:]!r} | "
                 f"{continuation[:20]!r}); across tokenizers every model must start a token there"
             )
+        return _Reading(text, context, full, lead, starts, context_tokens)
     words.check_token_starts(starts, text, reader.name, words.boundaries(text))
     return _Reading(text, context, full, lead, starts, context_tokens)
 
@@ -385,7 +392,7 @@ class WordFusedLM(LM):
             if not continuation:
                 raise ValueError(f"empty continuation after context {context[-40:]!r}: nothing to score")
         todo = list(dict.fromkeys(p for p in pairs if p not in self._scores))
-        bar = tqdm(total=len(todo), disable=disable_tqdm, desc="kotara words loglikelihood")
+        bar = tqdm(total=len(todo), disable=disable_tqdm or _quiet(), desc="kotara words loglikelihood")
         chunk = max(self.batch_size, 1)
         for start in range(0, len(todo), chunk):
             self._score_pairs(todo[start : start + chunk])
@@ -540,7 +547,9 @@ class WordFusedLM(LM):
         from kotara.word_score import prepare_input, score_words
 
         answers = []
-        for (text,) in tqdm([req.args for req in requests], disable=disable_tqdm, desc="kotara words rolling"):
+        for (text,) in tqdm(
+            [req.args for req in requests], disable=disable_tqdm or _quiet(), desc="kotara words rolling"
+        ):
             if text not in self._rolling:
                 bounds = words.boundaries(text)
                 prefixes = ["bos" if r.tokenizer.bos_token_id is not None else "eos" for r in self.readers]
@@ -563,7 +572,9 @@ class WordFusedLM(LM):
         done = self._generations.setdefault(self.row, {})
         generator = torch.Generator().manual_seed(int(self.seed)) if self.seed is not None else None
         out = []
-        for context, kwargs in tqdm([req.args for req in requests], disable=disable_tqdm, desc="kotara words generate"):
+        for context, kwargs in tqdm(
+            [req.args for req in requests], disable=disable_tqdm or _quiet(), desc="kotara words generate"
+        ):
             key = (context, json.dumps(kwargs, sort_keys=True, default=str))
             if key not in done:
                 done[key] = self._generate(context, dict(kwargs), generator)

@@ -31,7 +31,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from kotara.harness import evaluate_rows  # noqa: E402
-from kotara.harness_words import WordFusedLM  # noqa: E402
+from kotara.harness_words import WordFusedLM, read, split_request  # noqa: E402
 
 STRATEGIES = ("mixture", "mixture_bayes", "mixture_switch")
 TASKS = ["kw_mc", "kw_ll", "kw_ppl", "kw_gen"]
@@ -67,7 +67,7 @@ def write_tasks(root: Path, num_docs: int = 5, seed: int = 0, bodies=None) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     for name, body in (bodies or TASK_BODIES).items():
         data = root / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs[name.split("_bad")[0]]), encoding="utf-8")
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs.get(name, docs["kw_ll"])), encoding="utf-8")
         files = f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
         (root / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\n{files}test_split: test\n" + body)
     return root
@@ -233,6 +233,98 @@ def test_two_models_loglikelihood_is_the_open_last_segment_formula_in_float64(wo
             full = [_reference_segments(p, c + context[len(c) :] + continuation, bool(c)) for p in paths]
             want = _reference_log_q(full, strategy, weights, switch_rate)
             if c:
-                want -= _reference_log_q([_reference_segments(p, c, True) for p in paths], strategy, weights, switch_rate)
+                context_tables = [_reference_segments(p, c, True) for p in paths]
+                want -= _reference_log_q(context_tables, strategy, weights, switch_rate)
             assert len(full[0]) >= 3  # the request crosses several segments
             assert math.isclose(value, want, rel_tol=1e-5, abs_tol=1e-6), f"{strategy} {context!r}: {value} vs {want}"
+
+
+# ------------------------------------------------------------------------- a sub-probability
+
+TOY_TEXT = "ab ba aab b a bb ab a ba abab b aa " * 3
+TOY_CONTEXTS = ("ab", "b a ")
+
+
+def test_every_row_is_a_sub_probability_over_the_continuations_of_each_length(tmp_path):
+    """Σ over every continuation x of k characters (alphabet a, b, space) of exp(loglikelihood(c, x)) <= 1,
+    for each model alone and each strategy: the events "the text goes on with x" are disjoint for one k.
+    Continuations that some model cannot start a token at are errors, so not counted (a smaller sum)."""
+    import itertools
+
+    paths = [
+        build_gpt2(tmp_path / f"m{size}", metaspace_tokenizer(tmp_path / f"t{size}", TOY_TEXT, size), seed=size)
+        for size in (9, 14)
+    ]
+    lm = WordFusedLM([str(p) for p in paths], weights=[0.4, 0.6], switch_rate=0.3, batch_size=32, device="cpu")
+    assert len(lm.readers[0].tokenizer) != len(lm.readers[1].tokenizer)
+    for context in TOY_CONTEXTS:
+        for k in (1, 3):
+            requests = []
+            for chars in itertools.product("ab ", repeat=k):
+                try:
+                    [read(r, *split_request(context, "".join(chars))) for r in lm.readers]
+                except ValueError:
+                    continue
+                requests.append(Instance("loglikelihood", {}, (context, "".join(chars)), 0))
+            assert len(requests) >= 3**k // 2, (context, k, len(requests))
+            for row in lm.rows:
+                lm.select_row(row)
+                total = sum(math.exp(value) for value, _ in lm.loglikelihood(requests, disable_tqdm=True))
+                assert 0.0 < total <= 1.0 + 1e-9, (context, k, row, total)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+BAD_TASK = (
+    "output_type: loglikelihood\ndoc_to_text: '{{context}}'\ndoc_to_target: ''\ntarget_delimiter: ''\n"
+    "metric_list:\n  - metric: acc\n"
+)
+
+
+def run_eval(workspace, models, extra, capsys):
+    from kotara.cli import main
+
+    argv = ["eval", *(a for m in models for a in ("--model", str(workspace.get(m, m))))]
+    argv += ["--include_path", str(workspace["tasks"]), "--device", "cpu", "--no_progress"]
+    argv += ["--bootstrap_iters", str(BOOTSTRAP), *extra]
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_cli_fuses_models_whose_tokenizers_differ_per_word(workspace, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code, stdout, err = run_eval(
+        workspace, ("a", "b"), ["--tasks", "kw_mc,kw_ppl", "--limit", "3", "--output_path", str(out)], capsys
+    )
+    assert code == 0, err
+    for label in (f"model a ({workspace['a']})", f"model b ({workspace['b']})", *STRATEGIES):
+        assert label in stdout
+    data = json.loads(out.read_text())
+    assert list(data["rows"]) == ["a", "b", *STRATEGIES] and data["config"]["fusion_unit"] == "word"
+    assert data["rows"]["mixture"]["results"]["kw_ppl"]["bits_per_byte,none"] > 0
+
+
+@pytest.mark.parametrize(
+    "models, extra, message",
+    [
+        (("a", "b"), ["--tasks", "kw_mc", "--strategy", "entropy"], "strategy entropy combines the models' logits"),
+        (("a", "b"), ["--tasks", "kw_mc", "--strategy", "gap"], "needs one shared vocabulary"),
+        (("a", "words"), ["--tasks", "kw_mc"], "model b: no token starts at the word boundary at character"),
+        (("a", "b"), ["--tasks", "kw_empty"], "empty continuation after context"),
+    ],
+)
+def test_bad_inputs_are_one_line_exit_2(workspace, tmp_path, capsys, models, extra, message):
+    from kotara import demo
+
+    if "words" in models and "words" not in workspace:
+        tokenizer = demo.build_tokenizer(tmp_path / "wtok", sorted(set(WORDS)))
+        workspace["words"] = build_gpt2(tmp_path / "w", tokenizer, seed=4)
+    if not (workspace["tasks"] / "kw_empty.yaml").exists():
+        write_tasks(workspace["tasks"], bodies={"kw_empty": BAD_TASK}, num_docs=2)
+    code, _, err = run_eval(workspace, models, [*extra, "--limit", "2"], capsys)
+    assert code == 2
+    # lm-eval's own progress bar over the documents may come first (it ignores --no_progress once tqdm is imported)
+    errors = [line for line in re.split(r"[\r\n]", err) if "kotara: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("kotara: error: ") and message in errors[0], err
+    assert "Traceback" not in err
