@@ -219,3 +219,55 @@ def fuse_tokens(
 def bits_per_byte(log_prob: float, num_bytes: int) -> float:
     """-log2 of a probability given as ``log_prob`` (nats), per UTF-8 byte."""
     return -log_prob / (math.log(2.0) * num_bytes)
+
+
+# ------------------------------------------------------------------- the open last segment (lm-eval's requests)
+
+
+def scored_segment_log_probs(
+    target_log_prob: torch.Tensor,
+    log_word_start: torch.Tensor,
+    scored: torch.Tensor,
+    segment: torch.Tensor,
+    num_segments: int,
+    final_log_close: float = 0.0,
+) -> torch.Tensor:
+    """``segment_log_probs`` for a text whose first tokens are not scored (lm-eval's context tokens without a
+    prefix, or left-truncated ones): [num_segments] fp64.
+
+    scored: [n] bool, whether each token's log p and log S (the row that predicts it) exist. An unscored
+    token contributes nothing, and neither does the S of the row that would have predicted it, so a
+    segment whose first token is unscored has no ``S(before)``; the scored tokens are a suffix of the text,
+    so the factors still telescope, for one model, to the sum of its scored tokens' log p.
+    """
+    if num_segments == 0:  # an empty context
+        return torch.zeros(0, dtype=torch.float64)
+    keep = scored.to(torch.bool)
+    zero = torch.zeros((), dtype=torch.float64)
+    return segment_log_probs(
+        torch.where(keep, target_log_prob.double(), zero),
+        torch.where(keep, log_word_start.double(), zero),
+        segment,
+        num_segments,
+        final_log_close,
+    )
+
+
+def open_log_q_ratio(
+    full_table: torch.Tensor,
+    context_table: torch.Tensor,
+    strategy: str,
+    weights: torch.Tensor,
+    switch_rate: float = DEFAULT_SWITCH_RATE,
+) -> float:
+    """log Q(c·x) - log Q(c) (nats) for the closed-word mixture whose last segment is open (DESIGN §5b).
+
+    full_table: [M, J] fp64 log q_m of the segments of c·x (last one open unless closed on purpose);
+    context_table: [M, J_c] those of c alone (last one open; J_c = 0 for an empty context). The
+    segments before c's last one are the same in both and cancel; every weight comes from the past
+    segments only, so exp of this, summed over continuations, is at most 1.
+    """
+    log_q = float(fuse(full_table, strategy, weights, switch_rate)[0].sum())
+    if context_table.shape[1] == 0:
+        return log_q
+    return log_q - float(fuse(context_table, strategy, weights, switch_rate)[0].sum())

@@ -76,7 +76,15 @@ USER_ERRORS = {
     ),
     "output is a dir": (lambda w: ["--tasks", str(w["tasks"]), "--output_path", str(w["root"])], "is a directory"),
     "unknown strategy": (lambda w: ["--tasks", str(w["tasks"]), "--strategy", "median"], "unknown strategy 'median'"),
-    "tokenizers differ": (lambda w: ["--tasks", str(w["tasks"]), "--model", w["other"]], "tokenizer mismatch"),
+    "tokenizers differ, per token": (
+        lambda w: ["--tasks", str(w["tasks"]), "--model", w["other"], "--fusion_unit", "token"],
+        "tokenizer mismatch",
+    ),
+    # per word (the default when tokenizers differ): this word-level tokenizer drops the spaces
+    "tokenizers differ, per word": (
+        lambda w: ["--tasks", str(w["tasks"]), "--model", w["other"], "--strategy", "poe"],
+        "strategy poe combines the models' logits token by token",
+    ),
 }
 
 

@@ -26,7 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options.add_model_flags(p)
     options.add_fusion_flags(
-        p, f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy"
+        p,
+        f"one of {', '.join(STRATEGIES)}, or 'all' (each model alone and every strategy); default entropy. Per word "
+        "(--fusion_unit word, and models whose tokenizers differ): mixture, mixture_bayes, mixture_switch or all "
+        "(default)",
+        default=None,
+    )
+    w = p.add_argument_group("fusion across tokenizers (DESIGN §5b, §5c)")
+    w.add_argument(
+        "--fusion_unit",
+        choices=["token", "word"],
+        default=None,
+        help="token: fuse the logits per token (one vocabulary); word: the closed-word mixture, each model reading "
+        "the requests with its own tokenizer (kotara.harness_words). Default: word when the tokenizers differ. "
+        "Per word, a request whose continuation does not start a token for some model (or a model that merges "
+        "across a word boundary) fails the run with one line, as lm-eval fails on its other errors (no skipping)",
+    )
+    w.add_argument(
+        "--switch_rate", type=float, default=0.01, help="mixture_switch's share alpha moved back to 1/M per word"
     )
     t = p.add_argument_group("tasks")
     t.add_argument(
@@ -71,7 +88,6 @@ def check_eval_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """``kotara eval``: lm-eval tasks on each row (the fusion, or with ``all`` each model and strategy)."""
     check_eval_args(args)
-    strategies = options.strategies(args.strategy)
     quiet_lm_eval(args.no_progress)
     try:
         import lm_eval  # noqa: F401
@@ -79,6 +95,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "kotara eval needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install 'lm-eval[hf]')"
         ) from None
+    if args.fusion_unit != "token":  # models whose tokenizers differ are fused per word (kotara.harness_words)
+        from kotara import word_score
+
+        tokenizers = word_score.own_tokenizers(options.model_paths(args), args.trust_remote_code)
+        if args.fusion_unit == "word" or word_score.tokenizers_differ(tokenizers):
+            return run_words(args, tokenizers)
+    args.strategy = args.strategy or "entropy"
+    strategies = options.strategies(args.strategy)
     from kotara.harness import FusedLM, evaluate_rows
     from kotara.harness_report import format_rows, rows_json
     from kotara.report import write_json_atomic
@@ -113,6 +137,59 @@ def run(args: argparse.Namespace) -> int:
             "max_length": lm.max_length, "seed": args.seed, "bootstrap_iters": args.bootstrap_iters,
             "strategy": args.strategy, "temperatures": spec.temperatures, "weights": spec.weights,
             "poe_betas": spec.poe_betas, "tokenizer": tokenizer_path, "dtype": args.dtype,
+            "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
+        }  # fmt: skip
+        write_json_atomic(args.output_path, rows_json(rows, lm, labels, config, args.log_samples))
+        print(f"results saved to {args.output_path}")
+    return 0
+
+
+def run_words(args: argparse.Namespace, tokenizers: list) -> int:
+    """``kotara eval`` fused per word (models whose tokenizers differ, or ``--fusion_unit word``):
+    ``kotara.harness_words.WordFusedLM`` on the tasks, each model with its own tokenizer."""
+    from kotara import loading
+    from kotara.harness import evaluate_rows
+    from kotara.harness_report import format_rows, rows_json
+    from kotara.harness_words import WordFusedLM
+    from kotara.report import write_json_atomic
+    from kotara.tasks import resolve_tasks
+
+    strategy = args.strategy or "all"
+    strategies = options.word_strategies(strategy)
+    options.check_switch_rate(args)
+    if args.poe_beta or args.poe_beta_a is not None or args.poe_beta_b is not None:
+        raise ValueError("--poe_beta is a logit strategy's: across tokenizers it does not apply")
+    paths, _, devices, dtypes = options.resolve_models(args)
+    spec = options.fusion_spec(args, len(paths), strategies)
+    tasks, manager = resolve_tasks(args.tasks, args.include_path)
+    if args.kernels:
+        moc_kernels.set_backend(args.kernels)
+    resolved = options.resolve_tokenizers(args, paths, tokenizers)
+    models = [
+        (loading.load_model(p, loading.model_label(i), devices[i], dtypes[i], args.trust_remote_code), tok)
+        for i, (p, tok) in enumerate(zip(paths, resolved))
+    ]
+    lm = WordFusedLM(
+        models, strategy=strategy, temperatures=spec.temperatures, weights=spec.weights, switch_rate=args.switch_rate,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+    )  # fmt: skip
+    seeds = {} if args.seed is None else {
+        f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
+    }  # fmt: skip
+    rows = evaluate_rows(
+        lm, tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
+        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, **seeds,
+    )  # fmt: skip
+    labels = {r.name: path for r, path in zip(lm.readers, paths)}
+    print(format_rows(rows, labels))
+    if args.output_path:
+        config = {
+            "command": "kotara eval", "fusion_unit": "word", "tasks": args.tasks, "resolved_tasks": tasks,
+            "include_path": args.include_path, "num_fewshot": args.num_fewshot, "limit": args.limit,
+            "batch_size": args.batch_size, "max_length": lm.max_length, "seed": args.seed,
+            "bootstrap_iters": args.bootstrap_iters, "strategy": strategy, "temperatures": spec.temperatures,
+            "weights": spec.weights, "switch_rate": args.switch_rate, "dtype": args.dtype,
             "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
         }  # fmt: skip
         write_json_atomic(args.output_path, rows_json(rows, lm, labels, config, args.log_samples))
