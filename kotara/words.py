@@ -65,13 +65,16 @@ def segments(text: str) -> list[str]:
 def tokenize_with_starts(tokenizer: Any, pieces: Sequence[str]) -> tuple[list[int], list[int]]:
     """Token ids of the text ``"".join(pieces)`` and the character offset where each token starts.
 
-    Pieces are tokenized separately (as ``kotara.loading.tokenize_file`` does) and their offset
-    mappings shifted by the characters before them. Returns (ids, starts), both of length n.
+    The text is tokenized in parts cut where the tokens cannot change (``kotara.loading.exact_parts``,
+    as ``kotara.loading.tokenize_file`` does) and their offset mappings shifted by the characters
+    before them. Returns (ids, starts), both of length n.
     """
+    from kotara.loading import exact_parts
+
     ids: list[int] = []
     starts: list[int] = []
     base = 0
-    for piece in pieces:
+    for piece in exact_parts(tokenizer, pieces):
         encoding = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
         ids.extend(encoding["input_ids"])
         starts.extend(base + start for start, _ in encoding["offset_mapping"])
