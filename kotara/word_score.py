@@ -90,11 +90,13 @@ def prepare_input(
     words.check_token_starts(starts, text, model.name, bounds)
     vocab_size = len(tokenizer)
     check_vocab([model], vocab_size)
+    in_set = words.word_start_mask(tokenizer, vocab_size)
+    words.check_segment_tokens(ids, starts, text, bounds, in_set, model.name)
     return WordInput(
         model=model,
         token_ids=torch.tensor([prefix_id, *ids], dtype=torch.int64),
         segment=words.target_segments(starts, bounds),
-        in_set=words.word_start_mask(tokenizer, vocab_size),
+        in_set=in_set,
         vocab_size=vocab_size,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         prefix=prefix,
