@@ -215,19 +215,41 @@ def _has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def extends(big: dict[str, int], small: dict[str, int]) -> bool:
+    """Whether vocabulary ``big`` is ``small`` plus added tokens: every token of ``small`` has the same id
+    in ``big`` and every other token of ``big`` has an id past ``small``'s (as Qwen3 over Qwen2.5)."""
+    if len(big) < len(small) or any(big.get(token) != i for token, i in small.items()):
+        return False
+    top = max(small.values(), default=-1)
+    return all(i > top for token, i in big.items() if token not in small)
+
+
 def check_same_tokenizer(tokenizer: Any, model_path: str, trust_remote_code: bool = False) -> None:
     """Raise if the model's own tokenizer (when its directory has one) differs from the shared one.
 
-    Fusing per token is only meaningful when token id k means the same string for every model.
+    Fusing per token is only meaningful when token id k means the same string for every model. A
+    model whose own tokenizer is the shared one plus added tokens is accepted: fusion runs over the
+    shared vocabulary, the model's extra tokens are columns past it (dropped as padding columns are),
+    so they are no token for any model and never a target. The other way round (the shared tokenizer
+    has tokens the model lacks) is refused with the fix: pass the smaller tokenizer as ``--tokenizer``.
     """
     if not (os.path.isdir(model_path) and _has_tokenizer(model_path)):
         return
     own = load_tokenizer(model_path, trust_remote_code)
-    if own.get_vocab() != tokenizer.get_vocab():
+    own_vocab, shared = own.get_vocab(), tokenizer.get_vocab()
+    if own_vocab == shared or extends(own_vocab, shared):
+        return
+    if extends(shared, own_vocab):
+        extra = sorted(set(shared) - set(own_vocab), key=shared.__getitem__)
         raise ValueError(
-            f"tokenizer mismatch: the tokenizer in {model_path!r} ({len(own)} tokens) differs from the shared "
-            f"one ({len(tokenizer)} tokens); fusion needs one vocabulary (pass --tokenizer only for identical ones)"
+            f"tokenizer mismatch: the shared tokenizer ({len(shared)} tokens) adds {len(extra)} token(s) "
+            f"({', '.join(map(repr, extra[:3]))}{', ...' if len(extra) > 3 else ''}) to the one in {model_path!r}; "
+            f"pass --tokenizer {model_path}: fusion then runs over the vocabulary all models share"
         )
+    raise ValueError(
+        f"tokenizer mismatch: the tokenizer in {model_path!r} ({len(own)} tokens) differs from the shared "
+        f"one ({len(tokenizer)} tokens); fusion needs one vocabulary (pass --tokenizer only for identical ones)"
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -286,9 +286,13 @@ def own_tokenizers(paths: Sequence[str], trust_remote_code: bool) -> list[Any | 
 
 
 def tokenizers_differ(tokenizers: Sequence[Any | None]) -> bool:
-    """Whether two of the models' own tokenizers map ids to different tokens."""
-    vocabs = [t.get_vocab() for t in tokenizers if t is not None]
-    return any(v != vocabs[0] for v in vocabs[1:])
+    """Whether two of the models' own tokenizers map ids to different tokens. Vocabularies that extend
+    one another (one is the other plus added tokens, ``kotara.loading.extends``) do not differ: they
+    fuse per token over the smallest."""
+    from kotara.loading import extends
+
+    vocabs = sorted((t.get_vocab() for t in tokenizers if t is not None), key=len)
+    return any(v != vocabs[0] and not extends(v, vocabs[0]) for v in vocabs[1:])
 
 
 def _resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) -> list[Any]:

@@ -242,3 +242,52 @@ def test_real_tokenizers_default_prefix_scores_the_first_token(real_tokenizer, n
     kind, token = loading.resolve_prefix(tokenizer, None)
     assert kind == ("bos" if has_bos else "eos") and token is not None
     assert token == (tokenizer.bos_token_id if has_bos else tokenizer.eos_token_id)
+
+
+# ------------------------------------------------------------------------------ extended vocabularies
+
+
+def _extended_pair(tmp_path: Path):
+    """A BOS tokenizer, the same plus two added tokens (as Qwen3 over Qwen2.5), a GPT-2 for each."""
+    from transformers import AutoTokenizer
+
+    from kotara import demo
+
+    text_path = write_corpus(tmp_path / "text.txt", num_lines=3)
+    small_dir = demo.build_tokenizer(tmp_path / "small_tok", sorted(set(text_path.read_text().split())))
+    small = AutoTokenizer.from_pretrained(small_dir)
+    big = AutoTokenizer.from_pretrained(small_dir)
+    big.add_tokens(["<think>", "</think>"], special_tokens=True)
+    return text_path, _gpt2(tmp_path / "small", small, 1), _gpt2(tmp_path / "big", big, 2), small, big
+
+
+def test_vocabularies_that_extend_one_another_fuse_per_token(tmp_path, capsys):
+    """Qwen3 = Qwen2.5 + 4 added tokens was refused (and sent to the word path); now: fused per token
+    over the shared (smaller) vocabulary, the added tokens no token for any model. The shared tokenizer
+    must be the smaller one: the other order is an error that names the fix."""
+    from kotara.word_score import tokenizers_differ
+
+    text_path, small_dir, big_dir, small, big = _extended_pair(tmp_path)
+    assert loading.extends(big.get_vocab(), small.get_vocab()) and not loading.extends(
+        small.get_vocab(), big.get_vocab()
+    )
+    assert not tokenizers_differ([small, big]) and not tokenizers_differ([big, small])
+    out = tmp_path / "m.json"
+    argv = ["score", "--dataset_path", str(text_path), "--max_length", "64", "--stride", "64", "--no_progress"]
+    assert main([*argv, "--model", str(small_dir), "--model", str(big_dir), "--save_metrics", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert "fusion_unit" not in metrics and metrics["config"]["vocab_size"] == len(small)
+    assert metrics["tokens"] == len(small(text_path.read_text(), add_special_tokens=False)["input_ids"])
+    capsys.readouterr()
+    assert main([*argv, "--model", str(big_dir), "--model", str(small_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "adds 2 token(s) ('<think>', '</think>')" in err and f"pass --tokenizer {small_dir}" in err
+
+
+@pytest.mark.slow
+def test_qwen3_extends_qwen25_and_glm4_does_not(real_tokenizer):
+    from kotara.word_score import tokenizers_differ
+
+    qwen25, qwen3, glm4 = real_tokenizer("qwen2.5"), real_tokenizer("qwen3"), real_tokenizer("glm4")
+    assert len(qwen3) - len(qwen25) == 4 and loading.extends(qwen3.get_vocab(), qwen25.get_vocab())
+    assert not tokenizers_differ([qwen3, qwen25]) and tokenizers_differ([qwen25, glm4])
