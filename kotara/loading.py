@@ -1,5 +1,9 @@
 """Loading what Kotara evaluates: the text, its token ids, the shared tokenizer and the models.
 
+A model path is a directory ``from_pretrained`` reads, a hub id in the local cache, or a ``.gguf``
+file (llama.cpp's format; transformers dequantizes it, which needs the ``gguf`` package), whose
+tokenizer comes from the same file.
+
 Every user error here raises ``ValueError`` with a one-line message naming the bad value; the CLI
 turns it into exit code 2. Nothing is downloaded: models and tokenizers come from local
 directories or the local Hugging Face cache.
@@ -8,6 +12,7 @@ directories or the local Hugging Face cache.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
@@ -186,9 +191,29 @@ def tokenize_file(tokenizer: Any, path: str, prefix: str | None = None, chunk_by
     return Text(torch.tensor(ids, dtype=torch.int64), num_bytes, prefix, prefix_id)
 
 
+def is_gguf(path: str) -> bool:
+    """Whether ``path`` names a GGUF file (llama.cpp's format), which transformers reads with ``gguf_file=``."""
+    return path.lower().endswith(".gguf")
+
+
+def _pretrained_args(path: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained``'s first argument and extra keywords: a GGUF file is its directory plus
+    ``gguf_file`` (transformers dequantizes it to the requested dtype; needs the ``gguf`` package)."""
+    path = os.path.expanduser(path)
+    if is_gguf(path):
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
 def check_model_path(path: str, what: str) -> None:
     # A path that looks local but is missing would otherwise become a confusing hub lookup.
     # (a hub id is "name" or "org/name"; anything else is a path).
+    if is_gguf(path):
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ValueError(f"{what} GGUF file not found: {path!r}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"{what}: reading {path!r} needs the gguf package (pip install gguf)")
+        return
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise ValueError(f"{what} directory not found: {path!r}")
@@ -199,19 +224,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_model_path(path, "tokenizer")
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    source, extra = _pretrained_args(path)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True, **extra)
     try:
         try:
-            return AutoTokenizer.from_pretrained(path, **kwargs)
+            return AutoTokenizer.from_pretrained(source, **kwargs)
         except (ValueError, KeyError):
             # The directory's config may name a model type only the project's `model` package registers.
             _register_project_models()
-            return AutoTokenizer.from_pretrained(path, **kwargs)
+            return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from None
 
 
 def _has_tokenizer(path: str) -> bool:
+    if is_gguf(path):
+        return os.path.isfile(path)  # a GGUF file carries its tokenizer
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
@@ -233,7 +261,7 @@ def check_same_tokenizer(tokenizer: Any, model_path: str, trust_remote_code: boo
     so they are no token for any model and never a target. The other way round (the shared tokenizer
     has tokens the model lacks) is refused with the fix: pass the smaller tokenizer as ``--tokenizer``.
     """
-    if not (os.path.isdir(model_path) and _has_tokenizer(model_path)):
+    if not ((os.path.isdir(model_path) or is_gguf(model_path)) and _has_tokenizer(model_path)):
         return
     own = load_tokenizer(model_path, trust_remote_code)
     own_vocab, shared = own.get_vocab(), tokenizer.get_vocab()
@@ -307,15 +335,16 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, f"model {name}")
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    source, extra = _pretrained_args(path)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True, **extra)
     kwargs[_dtype_kwarg()] = dtype
     try:
-        module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (ValueError, KeyError):
         # An unknown model_type, e.g. our own exports before `import model` registered them.
         _register_project_models()
         try:
-            module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (ValueError, KeyError, OSError) as err:
             raise ValueError(f"cannot load model {name} from {path!r}: {str(err).splitlines()[0]}") from None
     except OSError as err:

