@@ -154,3 +154,32 @@ def test_a_module_given_twice_runs_once_and_rows_that_finish_are_carried_where_n
     recurrent = build("recurrent_gemma", tokenizer)
     assert not runner_module._probe(runner_module._Model.wrap(recurrent, 0)).compacts
     assert runner_module._probe(runner_module._Model.wrap(llama, 0)).compacts
+
+
+@pytest.mark.parametrize("kind", ["mamba", "recurrent_gemma"])
+def test_kotara_eval_generate_until_shares_the_stepping(tokenizer, kind):
+    """``kotara eval``'s ``generate_until`` (the lm-eval LM) decodes with the same runner: A + a copy of A,
+    one batch of contexts of unequal length, equals the model's own greedy ``generate`` on each context
+    as the harness encodes it (no BOS here, so every context has 2+ tokens: RecurrentGemma's own forward
+    takes a 1-token prefill for a decoding step on whatever state the module holds)."""
+    pytest.importorskip("lm_eval")
+    if not _available(kind):
+        pytest.skip(f"{kind} is not in this transformers")
+    from lm_eval.api.instance import Instance
+
+    from kotara.harness import FusedLM
+
+    module = build(kind, tokenizer)
+    lm = FusedLM([module, copy.deepcopy(module)], tokenizer=tokenizer, strategy="average", batch_size=4, device="cpu")
+    gen_kwargs = {"until": ["zzz"], "max_gen_toks": NEW_TOKENS, "do_sample": False}
+    contexts = [p if len(p.split()) > 1 else f"{p} model" for p in PROMPTS]
+    requests = [Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(contexts)]
+    answers = lm.generate_until(requests, disable_tqdm=True)
+    for prompt, answer in zip(contexts, answers):
+        ids = torch.tensor([lm.tok_encode(prompt)])
+        out = module.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :].tolist()  # fmt: skip
+        expected = out[:-1] if out and out[-1] == tokenizer.eos_token_id else out
+        assert answer == lm.tok_decode(expected), (kind, prompt)
