@@ -243,13 +243,22 @@ def _has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def extends(big: dict[str, int], small: dict[str, int]) -> bool:
+def extends(big: dict[str, int], small: dict[str, int], added: set[str] | None = None) -> bool:
     """Whether vocabulary ``big`` is ``small`` plus added tokens: every token of ``small`` has the same id
-    in ``big`` and every other token of ``big`` has an id past ``small``'s (as Qwen3 over Qwen2.5)."""
+    in ``big`` and every other token of ``big`` has an id past ``small``'s (as Qwen3 over Qwen2.5) and,
+    when ``added`` is given (``big``'s ``get_added_vocab()``), is one of them: added tokens are matched
+    before the model, so they do not change how any other text is tokenized (an extra BPE merge or
+    word would)."""
     if len(big) < len(small) or any(big.get(token) != i for token, i in small.items()):
         return False
     top = max(small.values(), default=-1)
-    return all(i > top for token, i in big.items() if token not in small)
+    extra = [(token, i) for token, i in big.items() if token not in small]
+    return all(i > top and (added is None or token in added) for token, i in extra)
+
+
+def tokenizer_extends(big: Any, small: Any) -> bool:
+    """:func:`extends` for two tokenizers (the extra tokens must be ``big``'s added tokens)."""
+    return extends(big.get_vocab(), small.get_vocab(), set(big.get_added_vocab()))
 
 
 def check_same_tokenizer(tokenizer: Any, model_path: str, trust_remote_code: bool = False) -> None:
@@ -265,9 +274,9 @@ def check_same_tokenizer(tokenizer: Any, model_path: str, trust_remote_code: boo
         return
     own = load_tokenizer(model_path, trust_remote_code)
     own_vocab, shared = own.get_vocab(), tokenizer.get_vocab()
-    if own_vocab == shared or extends(own_vocab, shared):
+    if own_vocab == shared or tokenizer_extends(own, tokenizer):
         return
-    if extends(shared, own_vocab):
+    if tokenizer_extends(tokenizer, own):
         extra = sorted(set(shared) - set(own_vocab), key=shared.__getitem__)
         raise ValueError(
             f"tokenizer mismatch: the shared tokenizer ({len(shared)} tokens) adds {len(extra)} token(s) "

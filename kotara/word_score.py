@@ -289,10 +289,11 @@ def tokenizers_differ(tokenizers: Sequence[Any | None]) -> bool:
     """Whether two of the models' own tokenizers map ids to different tokens. Vocabularies that extend
     one another (one is the other plus added tokens, ``kotara.loading.extends``) do not differ: they
     fuse per token over the smallest."""
-    from kotara.loading import extends
+    from kotara.loading import tokenizer_extends
 
-    vocabs = sorted((t.get_vocab() for t in tokenizers if t is not None), key=len)
-    return any(v != vocabs[0] and not extends(v, vocabs[0]) for v in vocabs[1:])
+    present = sorted((t for t in tokenizers if t is not None), key=len)
+    vocabs = [t.get_vocab() for t in present]
+    return any(v != vocabs[0] and not tokenizer_extends(t, present[0]) for t, v in zip(present[1:], vocabs[1:]))
 
 
 def _resolve_tokenizers(args: Any, paths: Sequence[str], own: list[Any | None]) -> list[Any]:

@@ -269,9 +269,8 @@ def test_vocabularies_that_extend_one_another_fuse_per_token(tmp_path, capsys):
     from kotara.word_score import tokenizers_differ
 
     text_path, small_dir, big_dir, small, big = _extended_pair(tmp_path)
-    assert loading.extends(big.get_vocab(), small.get_vocab()) and not loading.extends(
-        small.get_vocab(), big.get_vocab()
-    )
+    assert loading.tokenizer_extends(big, small) and not loading.tokenizer_extends(small, big)
+    assert not loading.extends(big.get_vocab(), small.get_vocab(), added=set())  # extra ordinary tokens: no
     assert not tokenizers_differ([small, big]) and not tokenizers_differ([big, small])
     out = tmp_path / "m.json"
     argv = ["score", "--dataset_path", str(text_path), "--max_length", "64", "--stride", "64", "--no_progress"]
@@ -290,7 +289,7 @@ def test_qwen3_extends_qwen25_and_glm4_does_not(real_tokenizer):
     from kotara.word_score import tokenizers_differ
 
     qwen25, qwen3, glm4 = real_tokenizer("qwen2.5"), real_tokenizer("qwen3"), real_tokenizer("glm4")
-    assert len(qwen3) - len(qwen25) == 4 and loading.extends(qwen3.get_vocab(), qwen25.get_vocab())
+    assert len(qwen3) - len(qwen25) == 4 and loading.tokenizer_extends(qwen3, qwen25)
     assert not tokenizers_differ([qwen3, qwen25]) and tokenizers_differ([qwen25, glm4])
 
 
