@@ -7,23 +7,25 @@ from that step's logits (``entropy``, ``gap``, ``mixture_*``) or fixed (``averag
 ``mixture``). Greedy takes argmax q; sampling reshapes q by the decoding temperature, then
 ``top_k``, then ``top_p`` (always on q, after fusion, never on one model), and draws.
 
-Prompts are batched with left padding: an attention mask over the cache, and per-row position ids
-(``cumsum(mask) - 1``) for the models that take them. Each model is checked once on a tiny
-left-padded batch; one whose padded row does not give the unpadded row's logits (e.g.
-``LunarisForCausalLM``, which refuses padding) is instead stepped in groups of prompts of equal
-length, one cache per group: the results are the same, the batch is just split for that model.
-Rows that finish (EOS, a stop string) leave the batch and every cache at once.
-
-Cache argument: transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old
-name still works there, deprecated); the name is taken from each model's forward signature, so
-5.17 and 5.24 models (and ours, which accepts both) are called the way they expect. The cache is
-updated in place, so it is never read back from the output (whose field was renamed too).
+Each model is stepped the way its own ``generate`` steps it: the arguments of every forward (the new
+tokens, the mask or none, positions, the cache ``generate`` would create) come from the model's
+``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation``, so attention models,
+sliding windows, soft-capping, state-space models (Mamba, Mamba2, FalconMamba) and hybrids (Jamba,
+RecurrentGemma) decode what their own greedy ``generate`` decodes (tests/test_kotara_architectures.py).
+Prompts are batched with left padding. Each model is probed once on a tiny batch (prefill and two
+steps): one whose padded row does not give the unpadded row's logits is run in groups of prompts of
+equal length instead, one group after the other (the results are the same, the batch is just split);
+one whose other rows change when a finished row is dropped from the cache (a state kept outside the
+cache, as RecurrentGemma's) carries its finished rows to the batch's end, as ``generate`` does.
+Elsewhere rows that finish (EOS, a stop string) leave the batch and every cache at once. A module
+passed twice (A+A) runs once per step.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,8 +111,11 @@ def next_tokens(log_q: torch.Tensor, sampling: Sampling, generator: torch.Genera
 def _new_cache(module: torch.nn.Module) -> Any:
     from transformers import DynamicCache
 
+    config = module.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
     try:  # transformers 5: the config tells the cache its layer types (sliding windows, ...)
-        return DynamicCache(config=module.config)
+        return DynamicCache(config=config)
     except TypeError:  # older releases take no config
         return DynamicCache()
 
@@ -164,89 +169,175 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def _cache_for_generation(module: torch.nn.Module) -> Any:
+    """The cache ``generate`` would start with: a DynamicCache built from the config, or None for the
+    models that build their own (``_supports_default_dynamic_cache`` false)."""
+    supports = getattr(module, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
+    return _new_cache(module)
+
+
 class PaddedRunner:
-    """One model stepped over the whole left-padded batch, one cache, an attention mask over it."""
+    """One model stepped the way its own ``generate`` steps it, over a (left-padded) batch.
+
+    Each forward's arguments come from the model's ``prepare_inputs_for_generation`` (which slices the
+    new tokens, passes or drops the mask, builds 4D masks for sliding windows, ...) and are extended by
+    its ``_update_model_kwargs_for_generation``, from the running ids, the 2D mask, the position ids
+    (``cumsum(mask) - 1``, as ``generate`` makes them) and the cache ``generate`` would create. So
+    Mamba gets no full-length mask with one new token, Jamba and RecurrentGemma get their own states.
+    Rows that finish leave the batch only where the probe showed that selecting cache rows is exact
+    (see :func:`_probe`); elsewhere they are carried along (fed their last token, their logits unused),
+    as ``generate`` itself carries finished rows.
+    """
 
     def __init__(self, model: StepModel) -> None:
         self.model = model
+        self.module = model.module
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.cache = _new_cache(self.model.module)
-        self.mask = mask.to(self.model.device)
-        return self.model.last_logits(input_ids.to(self.model.device), self.cache, self.mask, _positions(self.mask))
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, compacts: bool | None = None) -> torch.Tensor:
+        device = self.model.device
+        self.ids = input_ids.to(device)
+        mask = mask.to(device)
+        self.kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
+        cache = _cache_for_generation(self.module)
+        if cache is not None:
+            self.kwargs[self.model.cache_arg] = cache
+        if self.model.takes_positions:
+            self.kwargs["position_ids"] = _positions(mask)
+        if self.model.takes_logits_to_keep:
+            self.kwargs["logits_to_keep"] = 1
+        if not _TAKES_NEXT_LENGTH:  # transformers 4: generate slices the new tokens by cache_position
+            self.kwargs["cache_position"] = torch.arange(input_ids.shape[1], device=device)
+        self.active: torch.Tensor | None = None  # rows of the batch still generating (None: all)
+        if compacts is None:
+            compacts = _probe(self.model).compacts if input_ids.shape[0] > 1 else True
+        self.compacts = compacts
+        return self._forward(first=True)
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1
-        return self.model.last_logits(next_ids[:, None].to(self.model.device), self.cache, self.mask, positions)
+        next_ids = next_ids.to(self.model.device)
+        if self.active is not None:  # finished rows are carried: fed their last token again
+            full = self.ids[:, -1].clone()
+            full[self.active] = next_ids
+            next_ids = full
+        self.ids = torch.cat([self.ids, next_ids[:, None]], dim=1)
+        logits = self._forward(first=False)
+        return logits if self.active is None else logits[self.active]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` ([b] int64, positions in the current batch)."""
+        """Keep only batch rows ``rows`` ([b] int64, positions among the rows still generating)."""
         rows = rows.to(self.model.device)
-        self.cache.batch_select_indices(rows)
-        self.mask = self.mask[rows]
+        if not self.compacts:
+            self.active = rows if self.active is None else self.active[rows]
+            return
+        batch = self.ids.shape[0]
+        self.ids = self.ids[rows]
+        for key, value in list(self.kwargs.items()):
+            if key == "cache_position":
+                continue
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                self.kwargs[key] = value[rows]
+            elif hasattr(value, "batch_select_indices"):
+                value.batch_select_indices(rows)
+
+    def _forward(self, first: bool) -> torch.Tensor:
+        module = self.module
+        kwargs = dict(self.kwargs)
+        if _TAKES_NEXT_LENGTH:
+            kwargs["next_sequence_length"] = None if first else 1
+        if "is_first_iteration" in _PREPARE_PARAMS or _TAKES_NEXT_LENGTH:
+            kwargs["is_first_iteration"] = first
+        inputs = module.prepare_inputs_for_generation(self.ids, **kwargs)
+        out = module(**inputs, return_dict=True)
+        self.kwargs = module._update_model_kwargs_for_generation(out, self.kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1]
 
 
-class GroupedRunner:
-    """One model that cannot take left padding: the batch split into groups of equal prompt length,
-    each unpadded with its own cache (all rows of a group then stay equally long)."""
+class GroupedRunner(PaddedRunner):
+    """A model whose padded rows do not give its unpadded rows' logits (the probe says so): the batch
+    is generated in groups of equal prompt length, one group after the other, with no padding at all
+    (``generate_batch`` splits it; every model then runs group by group)."""
 
-    def __init__(self, model: StepModel) -> None:
-        self.model = model
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(-1).tolist()
-        self.groups: list[tuple[list[int], Any]] = []  # (batch positions, cache)
-        out = None
-        for length in sorted(set(lengths)):
-            rows = [r for r, n in enumerate(lengths) if n == length]
-            cache = _new_cache(self.model.module)
-            ids = input_ids[rows, input_ids.shape[1] - length :].to(self.model.device)
-            logits = self.model.last_logits(ids, cache, None, None)
-            out = logits.new_empty(len(lengths), logits.shape[1]) if out is None else out
-            out[rows] = logits
-            self.groups.append((rows, cache))
-        return out
+def _generation_params() -> tuple[bool, set[str]]:
+    try:
+        from transformers import GenerationMixin
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False, set()
+    params = set(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+    return "next_sequence_length" in params, params
 
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        out = None
-        for rows, cache in self.groups:
-            ids = next_ids[rows, None].to(self.model.device)
-            logits = self.model.last_logits(ids, cache, None, None)
-            out = logits.new_empty(next_ids.shape[0], logits.shape[1]) if out is None else out
-            out[rows] = logits
-        return out
 
-    def keep(self, rows: torch.Tensor) -> None:
-        new_position = {old: new for new, old in enumerate(rows.tolist())}
-        groups = []
-        for members, cache in self.groups:
-            kept = [k for k, r in enumerate(members) if r in new_position]
-            if kept and len(kept) < len(members):
-                cache.batch_select_indices(torch.tensor(kept, device=self.model.device))
-            if kept:
-                groups.append(([new_position[members[k]] for k in kept], cache))
-        self.groups = groups
+_TAKES_NEXT_LENGTH, _PREPARE_PARAMS = _generation_params()
+
+
+@dataclass
+class _Probe:
+    pads: bool  # a left-padded row gives the logits of the same row unpadded, at the prefill and a step
+    compacts: bool  # dropping a finished row from the batch (cache rows selected) leaves the others exact
+
+
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    # Different shapes round differently: ~1e-6 relative in fp32, up to ~1e-2 through a deep bf16 model.
+    # A model that ignores the mask, the positions or its cache is off by far more (tens of percent).
+    tolerance = 1e-4 if got.dtype == torch.float32 else 5e-2
+    return bool((got.double() - want.double()).norm() <= tolerance * want.double().norm())
 
 
 @torch.no_grad()
-def handles_left_padding(model: StepModel) -> bool:
-    """Whether a left-padded row gives the logits of the same row unpadded (mask and positions honoured).
+def _probe(model: StepModel) -> _Probe:
+    """Run once per model (2-3 rows, 3 tokens, two steps): does left padding give the unpadded logits at
+    the prefill and at the steps after it (a state-space model fed a full-length mask with one new token
+    fails here), and does dropping a finished row (selecting cache rows) keep the other rows exact
+    (false for models that keep states outside the cache, as RecurrentGemma does)?"""
+    if model.module in _PROBES:
+        return _PROBES[model.module]
+    device = model.device
+    steps = [torch.tensor([4, 4], device=device), torch.tensor([1, 1], device=device)]
 
-    Checked once per model on a 2-token batch. A model that raises on padding (``LunarisForCausalLM``)
-    or gets it wrong fails, and is then stepped in groups of equal length instead (correct, less batched).
-    """
-    tokens = torch.tensor([[1, 2], [0, 2]], device=model.device)
-    mask = torch.tensor([[1, 1], [0, 1]], device=model.device)
+    def run(ids: list[list[int]], drop_first_row_after: int | None = None) -> list[torch.Tensor]:
+        """The last row's logits at the prefill and each step."""
+        width = max(len(r) for r in ids)
+        tokens = torch.tensor([[0] * (width - len(r)) + r for r in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+        runner = PaddedRunner(model)
+        out = [runner.prefill(tokens, mask, compacts=True)]
+        for k, step in enumerate(steps):
+            if drop_first_row_after == k:
+                runner.keep(torch.tensor([len(ids) - 1]))
+            out.append(runner.step(step[: runner.ids.shape[0]]))
+        return [o[-1] for o in out]
+
+    errors = (ValueError, RuntimeError, TypeError, NotImplementedError, AttributeError, IndexError)
     try:
-        padded = PaddedRunner(model).prefill(tokens, mask)[1]
-        alone = PaddedRunner(model).prefill(tokens[1:, 1:], mask[1:, 1:])[0]
-    except (ValueError, RuntimeError, TypeError, NotImplementedError):
-        return False
-    # Different shapes round differently: ~1e-6 relative in fp32, up to ~1e-2 through a deep bf16 model.
-    # A model that ignores the mask or the positions is off by far more (tens of percent).
-    tolerance = 1e-4 if padded.dtype == torch.float32 else 5e-2
-    return bool((padded.double() - alone.double()).norm() <= tolerance * alone.double().norm())
+        alone = run([[2, 3]])
+        pads = all(_close(p, a) for p, a in zip(run([[1, 2, 3], [2, 3]]), alone))
+    except errors:
+        pads = False
+    try:
+        rows = [[1, 2, 3], [2, 3]] if pads else [[1, 2, 3], [2, 1, 3]]
+        dropped = run(rows, drop_first_row_after=1)
+        compacts = all(_close(d, r) for d, r in zip(dropped, run(rows[1:])))
+    except errors:
+        compacts = False
+    _PROBES[model.module] = result = _Probe(pads, compacts)
+    return result
+
+
+def handles_left_padding(model: StepModel) -> bool:
+    """Whether a left-padded row gives the logits of the same row unpadded, at the prefill and the
+    next steps (mask, positions and cache honoured as the model's own ``generate`` passes them).
+
+    Checked once per model on a 2-row batch. A model that raises on padding (``LunarisForCausalLM``
+    before it took padded batches) or gets it wrong fails, and is then run in groups of equal prompt
+    length instead (correct, less batched).
+    """
+    return _probe(model).pads
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -338,9 +429,28 @@ def generate_batch(
     pad_id: int,
     bar: tqdm,
 ) -> None:
-    """Complete ``rows`` in place: prefill every model, then one fused step per new token."""
+    """Complete ``rows`` in place: prefill every model, then one fused step per new token.
+
+    If a model cannot take left padding (a ``GroupedRunner``), the rows are completed in groups of
+    equal prompt length, one group after the other, every model unpadded. A module given twice (A+A)
+    is run once and its logits used for both."""
+    lengths = sorted({len(r.prompt_ids) for r in rows})
+    if len(lengths) > 1 and any(isinstance(r, GroupedRunner) for r in runners):
+        for length in lengths:
+            group = [r for r in rows if len(r.prompt_ids) == length]
+            fresh = [type(runner)(runner.model) for runner in runners]
+            generate_batch(fresh, group, fusion, text, max_new_tokens, pad_id, bar)
+        return
+    first_of: dict[int, int] = {}
+    owner = [first_of.setdefault(id(runner.model.module), k) for k, runner in enumerate(runners)]
+    stepped = [runners[k] for k in sorted(set(owner))]
+
+    def each(call) -> list[torch.Tensor]:
+        out = {id(runner): call(runner) for runner in stepped}
+        return [out[id(runners[k])] for k in owner]
+
     input_ids, mask = _left_pad(rows, pad_id)
-    logits = [runner.prefill(input_ids, mask) for runner in runners]
+    logits = each(lambda runner: runner.prefill(input_ids, mask))
     active = list(rows)
     for step in range(max_new_tokens):
         next_ids, alphas = fusion.choose(logits)
@@ -356,11 +466,11 @@ def generate_batch(
             break
         if len(still) < len(active):  # finished rows leave every cache: no more work for them
             keep = torch.tensor(still)
-            for runner in runners:
+            for runner in stepped:
                 runner.keep(keep)
             next_ids = next_ids[keep.to(next_ids.device)]
             active = [active[k] for k in still]
-        logits = [runner.step(next_ids) for runner in runners]
+        logits = each(lambda runner, ids=next_ids: runner.step(ids))
     for row in active:
         if row.finish_reason is None:
             row.finish_reason = "length"
@@ -368,7 +478,7 @@ def generate_batch(
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix: str | None) -> list[PromptRow]:
-    _, prefix_id = resolve_prefix(tokenizer, prefix)
+    _, prefix_id = resolve_prefix(tokenizer, prefix, scoring=False)
     rows = []
     for index, prompt in enumerate(prompts):
         ids = ([] if prefix_id is None else [prefix_id]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -1,5 +1,9 @@
 """Loading what Kotara evaluates: the text, its token ids, the shared tokenizer and the models.
 
+A model path is a directory ``from_pretrained`` reads, a hub id in the local cache, or a ``.gguf``
+file (llama.cpp's format; transformers dequantizes it, which needs the ``gguf`` package), whose
+tokenizer comes from the same file.
+
 Every user error here raises ``ValueError`` with a one-line message naming the bad value; the CLI
 turns it into exit code 2. Nothing is downloaded: models and tokenizers come from local
 directories or the local Hugging Face cache.
@@ -8,7 +12,10 @@ directories or the local Hugging Face cache.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +30,7 @@ class Text:
     """The evaluation text as token ids. token_ids: [n] int64, prefix token (if any) first."""
 
     token_ids: torch.Tensor
-    num_bytes: int  # UTF-8 bytes of the text (for bits per byte); the prefix token adds none
+    num_bytes: int  # UTF-8 bytes scored (for bits per byte): the text's, less the first token's if no prefix
     prefix: str  # "bos", "eos" or "none"
     prefix_id: int | None
 
@@ -54,9 +61,9 @@ def model_label(index: int) -> str:
 def read_text_pieces(path: str, chunk_bytes: int = 1 << 20) -> list[str]:
     """The file's text in pieces of about ``chunk_bytes`` cut at line boundaries.
 
-    Pieces are tokenized separately (large files never sit in one tokenizer call) and their ids
-    concatenated; cutting at line ends keeps the pieces' tokens equal to the whole text's for
-    tokenizers whose pre-tokenizer splits at newlines. Errors: missing, not a file, not UTF-8, empty.
+    Large files never sit in one tokenizer call: :func:`tokenize_pieces` tokenizes them in parts cut
+    near these pieces' ends where the cut is checked not to change the tokens. Errors: missing, not a
+    file, not UTF-8, empty.
     """
     if not os.path.exists(path):
         raise ValueError(f"dataset not found: {path!r}")
@@ -81,10 +88,18 @@ def read_text_pieces(path: str, chunk_bytes: int = 1 << 20) -> list[str]:
     return pieces
 
 
-def resolve_prefix(tokenizer: Any, prefix: str | None) -> tuple[str, int | None]:
-    """The prefix token kind and id; ``None`` means the tokenizer's BOS if it has one, else none."""
+def resolve_prefix(tokenizer: Any, prefix: str | None, scoring: bool = True) -> tuple[str, int | None]:
+    """The prefix token kind and id. ``None`` (the default) means the tokenizer's BOS if it has one;
+    else, for scoring, its EOS (the end-of-text token of GPT-2, Qwen, GLM-4, cl100k-style tokenizers),
+    as lm-evaluation-harness does for rolling log-likelihoods, so the text's first token is predicted
+    too and every byte counted in bits/byte is scored; else none (then :func:`tokenize_file` leaves the
+    first token's bytes out of the count). Generation (``scoring=False``) starts from BOS or nothing,
+    as the model's own ``generate`` on the tokenized prompt does."""
     if prefix is None:
-        prefix = "bos" if tokenizer.bos_token_id is not None else "none"
+        if tokenizer.bos_token_id is not None:
+            prefix = "bos"
+        else:
+            prefix = "eos" if scoring and tokenizer.eos_token_id is not None else "none"
     if prefix not in PREFIX_TOKENS:
         raise ValueError(f"unknown prefix token {prefix!r}; expected one of {', '.join(PREFIX_TOKENS)}")
     if prefix == "none":
@@ -95,22 +110,116 @@ def resolve_prefix(tokenizer: Any, prefix: str | None) -> tuple[str, int | None]
     return prefix, int(token_id)
 
 
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# Candidate cuts looked at per piece, and the characters around a cut that are tokenized to check it.
+_CUT_CANDIDATES = 64
+_CUT_CONTEXT = 512
+
+
+def _cut_is_exact(tokenizer: Any, text: str, cut: int) -> bool:
+    """Whether tokenizing ``text[a:cut]`` and ``text[cut:b]`` apart gives the tokens of ``text[a:b]``
+    (a, b: ``_CUT_CONTEXT`` characters either side): no merge, no pre-token and no added prefix space
+    (SentencePiece's ``▁`` at a sequence start) crosses or marks the cut."""
+    a, b = max(0, cut - _CUT_CONTEXT), min(len(text), cut + _CUT_CONTEXT)
+    return _ids(tokenizer, text[a:b]) == _ids(tokenizer, text[a:cut]) + _ids(tokenizer, text[cut:b])
+
+
+# Where a cut is tried: a line start after a non-blank line, before a non-blank character (no run of
+# newlines or spaces is split), or a single space between two words (SentencePiece tokenizers that
+# mark a sequence start with ``▁`` write that space as the same ``▁``).
+_CUT_CANDIDATE = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def _exact_cut(tokenizer: Any, text: str, start: int, end: int) -> int | None:
+    """The last candidate offset in ``[start, end]`` (see ``_CUT_CANDIDATE``) where the text can be
+    tokenized in two parts without changing its tokens, as :func:`_cut_is_exact` checks; None if none
+    of the last ``_CUT_CANDIDATES`` checks (the pieces are then tokenized together)."""
+    offsets = [m.start() for m in _CUT_CANDIDATE.finditer(text, start, min(end + 1, len(text)))]
+    for offset in reversed(offsets[-_CUT_CANDIDATES:]):
+        if 0 < offset < len(text) and _cut_is_exact(tokenizer, text, offset):
+            return offset
+    return None
+
+
+def exact_parts(tokenizer: Any, pieces: Sequence[str]) -> list[str]:
+    """``"".join(pieces)`` re-cut into parts of about one piece each, cut only where the cut is checked
+    not to change the tokens (:func:`_exact_cut`): tokenizing the parts apart gives the ids of the
+    whole text (tests check it on Llama-3, Mistral SentencePiece, Qwen2.5, DeepSeek, GLM-4 and GPT-2
+    tokenizers). A piece with no checkable cut is tokenized together with the next one."""
+    text = "".join(pieces)
+    parts, done, end = [], 0, 0
+    for piece in pieces[:-1]:
+        end += len(piece)
+        if end - done < 2:
+            continue
+        cut = _exact_cut(tokenizer, text, done + (end - done) // 2, end)
+        if cut is not None:
+            parts.append(text[done:cut])
+            done = cut
+    parts.append(text[done:])
+    return parts
+
+
+def tokenize_pieces(tokenizer: Any, pieces: Sequence[str]) -> list[int]:
+    """The token ids of ``"".join(pieces)``, equal to tokenizing it whole (see :func:`exact_parts`)."""
+    return [i for part in exact_parts(tokenizer, pieces) for i in _ids(tokenizer, part)]
+
+
+def _first_token_bytes(tokenizer: Any, text: str, first_id: int) -> int:
+    """UTF-8 bytes of the text that the first token covers (by offsets where the tokenizer has them)."""
+    try:
+        encoding = tokenizer(text[:256], add_special_tokens=False, return_offsets_mapping=True)
+        end = encoding["offset_mapping"][0][1]
+        return len(text[:end].encode("utf-8"))
+    except (NotImplementedError, ValueError, KeyError, IndexError, TypeError):
+        return len(tokenizer.decode([first_id]).encode("utf-8"))
+
+
 def tokenize_file(tokenizer: Any, path: str, prefix: str | None = None, chunk_bytes: int = 1 << 20) -> Text:
-    """Read and tokenize ``path`` once (in line-aligned pieces), prefix token first."""
+    """Read and tokenize ``path`` once (in pieces cut where the tokens cannot change), prefix token first.
+
+    ``num_bytes`` counts the bytes that are scored: all of them with a prefix token (the default
+    whenever the tokenizer has a BOS or an EOS); with none (``--prefix_token none``, or a tokenizer with
+    neither) the first token is context only, so its bytes are left out of bits/byte.
+    """
     pieces = read_text_pieces(path, chunk_bytes)
     prefix, prefix_id = resolve_prefix(tokenizer, prefix)
     ids: list[int] = [] if prefix_id is None else [prefix_id]
-    for piece in pieces:
-        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    ids.extend(tokenize_pieces(tokenizer, pieces))
     num_bytes = sum(len(piece.encode("utf-8")) for piece in pieces)
     if len(ids) < 2:
         raise ValueError(f"dataset {path!r} has {len(ids)} token(s); at least 2 are needed to score one")
+    if prefix_id is None:
+        num_bytes -= _first_token_bytes(tokenizer, "".join(pieces), ids[0])
     return Text(torch.tensor(ids, dtype=torch.int64), num_bytes, prefix, prefix_id)
+
+
+def is_gguf(path: str) -> bool:
+    """Whether ``path`` names a GGUF file (llama.cpp's format), which transformers reads with ``gguf_file=``."""
+    return path.lower().endswith(".gguf")
+
+
+def _pretrained_args(path: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained``'s first argument and extra keywords: a GGUF file is its directory plus
+    ``gguf_file`` (transformers dequantizes it to the requested dtype; needs the ``gguf`` package)."""
+    path = os.path.expanduser(path)
+    if is_gguf(path):
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
 
 
 def check_model_path(path: str, what: str) -> None:
     # A path that looks local but is missing would otherwise become a confusing hub lookup.
     # (a hub id is "name" or "org/name"; anything else is a path).
+    if is_gguf(path):
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ValueError(f"{what} GGUF file not found: {path!r}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError(f"{what}: reading {path!r} needs the gguf package (pip install gguf)")
+        return
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise ValueError(f"{what} directory not found: {path!r}")
@@ -121,35 +230,69 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_model_path(path, "tokenizer")
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    source, extra = _pretrained_args(path)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True, **extra)
     try:
         try:
-            return AutoTokenizer.from_pretrained(path, **kwargs)
+            return AutoTokenizer.from_pretrained(source, **kwargs)
         except (ValueError, KeyError):
             # The directory's config may name a model type only the project's `model` package registers.
             _register_project_models()
-            return AutoTokenizer.from_pretrained(path, **kwargs)
+            return AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as err:  # noqa: BLE001 - missing files, a damaged tokenizer.json (tokenizers' Exception), ...
         raise ValueError(f"cannot load a tokenizer from {path!r}: {one_line(err)}") from None
 
 
 def _has_tokenizer(path: str) -> bool:
+    if is_gguf(path):
+        return os.path.isfile(path)  # a GGUF file carries its tokenizer
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def extends(big: dict[str, int], small: dict[str, int], added: set[str] | None = None) -> bool:
+    """Whether vocabulary ``big`` is ``small`` plus added tokens: every token of ``small`` has the same id
+    in ``big`` and every other token of ``big`` has an id past ``small``'s (as Qwen3 over Qwen2.5) and,
+    when ``added`` is given (``big``'s ``get_added_vocab()``), is one of them: added tokens are matched
+    before the model, so they do not change how any other text is tokenized (an extra BPE merge or
+    word would)."""
+    if len(big) < len(small) or any(big.get(token) != i for token, i in small.items()):
+        return False
+    top = max(small.values(), default=-1)
+    extra = [(token, i) for token, i in big.items() if token not in small]
+    return all(i > top and (added is None or token in added) for token, i in extra)
+
+
+def tokenizer_extends(big: Any, small: Any) -> bool:
+    """:func:`extends` for two tokenizers (the extra tokens must be ``big``'s added tokens)."""
+    return extends(big.get_vocab(), small.get_vocab(), set(big.get_added_vocab()))
 
 
 def check_same_tokenizer(tokenizer: Any, model_path: str, trust_remote_code: bool = False) -> None:
     """Raise if the model's own tokenizer (when its directory has one) differs from the shared one.
 
-    Fusing per token is only meaningful when token id k means the same string for every model.
+    Fusing per token is only meaningful when token id k means the same string for every model. A
+    model whose own tokenizer is the shared one plus added tokens is accepted: fusion runs over the
+    shared vocabulary, the model's extra tokens are columns past it (dropped as padding columns are),
+    so they are no token for any model and never a target. The other way round (the shared tokenizer
+    has tokens the model lacks) is refused with the fix: pass the smaller tokenizer as ``--tokenizer``.
     """
-    if not (os.path.isdir(model_path) and _has_tokenizer(model_path)):
+    if not ((os.path.isdir(model_path) or is_gguf(model_path)) and _has_tokenizer(model_path)):
         return
     own = load_tokenizer(model_path, trust_remote_code)
-    if own.get_vocab() != tokenizer.get_vocab():
+    own_vocab, shared = own.get_vocab(), tokenizer.get_vocab()
+    if own_vocab == shared or tokenizer_extends(own, tokenizer):
+        return
+    if tokenizer_extends(tokenizer, own):
+        extra = sorted(set(shared) - set(own_vocab), key=shared.__getitem__)
         raise ValueError(
-            f"tokenizer mismatch: the tokenizer in {model_path!r} ({len(own)} tokens) differs from the shared "
-            f"one ({len(tokenizer)} tokens); fusion needs one vocabulary (pass --tokenizer only for identical ones)"
+            f"tokenizer mismatch: the shared tokenizer ({len(shared)} tokens) adds {len(extra)} token(s) "
+            f"({', '.join(map(repr, extra[:3]))}{', ...' if len(extra) > 3 else ''}) to the one in {model_path!r}; "
+            f"pass --tokenizer {model_path}: fusion then runs over the vocabulary all models share"
         )
+    raise ValueError(
+        f"tokenizer mismatch: the tokenizer in {model_path!r} ({len(own)} tokens) differs from the shared "
+        f"one ({len(tokenizer)} tokens); fusion needs one vocabulary (pass --tokenizer only for identical ones)"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,15 +350,16 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, f"model {name}")
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    source, extra = _pretrained_args(path)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True, **extra)
     kwargs[_dtype_kwarg()] = dtype
     try:
-        module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (ValueError, KeyError):
         # An unknown model_type, e.g. our own exports before `import model` registered them.
         _register_project_models()
         try:
-            module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as err:  # noqa: BLE001 - as below, and an unknown type stays unknown
             raise ValueError(f"cannot load model {name} from {path!r}: {one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - a missing or damaged file (OSError, safetensors' SafetensorError, ...)

@@ -149,6 +149,7 @@ def _prompt_table(lms: Sequence[WordLM], prompt: str) -> tuple[list[list[int]], 
     for lm in lms:
         ids, starts = lm.tokens(prompt), lm.token_starts(prompt)
         words.check_token_starts(starts, prompt, lm.name, bounds)
+        words.check_segment_tokens(ids, starts, prompt, bounds, lm.in_set, lm.name)
         rows = lm.log_probs_along([], ids).double()  # [n + 1, V]
         log_s = torch.tensor([_set_mass(row, lm.in_set) for row in rows], dtype=torch.float64)
         log_p = rows[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.int64)]

@@ -90,11 +90,13 @@ def prepare_input(
     words.check_token_starts(starts, text, model.name, bounds)
     vocab_size = len(tokenizer)
     check_vocab([model], vocab_size)
+    in_set = words.word_start_mask(tokenizer, vocab_size)
+    words.check_segment_tokens(ids, starts, text, bounds, in_set, model.name)
     return WordInput(
         model=model,
         token_ids=torch.tensor([prefix_id, *ids], dtype=torch.int64),
         segment=words.target_segments(starts, bounds),
-        in_set=words.word_start_mask(tokenizer, vocab_size),
+        in_set=in_set,
         vocab_size=vocab_size,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         prefix=prefix,
@@ -265,6 +267,11 @@ def own_tokenizers(paths: Sequence[str], trust_remote_code: bool) -> list[Any | 
 
 
 def tokenizers_differ(tokenizers: Sequence[Any | None]) -> bool:
-    """Whether two of the models' own tokenizers map ids to different tokens."""
-    vocabs = [t.get_vocab() for t in tokenizers if t is not None]
-    return any(v != vocabs[0] for v in vocabs[1:])
+    """Whether two of the models' own tokenizers map ids to different tokens. Vocabularies that extend
+    one another (one is the other plus added tokens, ``kotara.loading.extends``) do not differ: they
+    fuse per token over the smallest."""
+    from kotara.loading import tokenizer_extends
+
+    present = sorted((t for t in tokenizers if t is not None), key=len)
+    vocabs = [t.get_vocab() for t in present]
+    return any(v != vocabs[0] and not tokenizer_extends(t, present[0]) for t, v in zip(present[1:], vocabs[1:]))

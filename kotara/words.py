@@ -65,13 +65,16 @@ def segments(text: str) -> list[str]:
 def tokenize_with_starts(tokenizer: Any, pieces: Sequence[str]) -> tuple[list[int], list[int]]:
     """Token ids of the text ``"".join(pieces)`` and the character offset where each token starts.
 
-    Pieces are tokenized separately (as ``kotara.loading.tokenize_file`` does) and their offset
-    mappings shifted by the characters before them. Returns (ids, starts), both of length n.
+    The text is tokenized in parts cut where the tokens cannot change (``kotara.loading.exact_parts``,
+    as ``kotara.loading.tokenize_file`` does) and their offset mappings shifted by the characters
+    before them. Returns (ids, starts), both of length n.
     """
+    from kotara.loading import exact_parts
+
     ids: list[int] = []
     starts: list[int] = []
     base = 0
-    for piece in pieces:
+    for piece in exact_parts(tokenizer, pieces):
         encoding = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
         ids.extend(encoding["input_ids"])
         starts.extend(base + start for start, _ in encoding["offset_mapping"])
@@ -79,17 +82,69 @@ def tokenize_with_starts(tokenizer: Any, pieces: Sequence[str]) -> tuple[list[in
     return ids, starts
 
 
+# The rule that tokenizers attaching a boundary space to the token before it (DeepSeek-Coder's
+# "Ġ=Ġ", "Ġ>Ġ") would satisfy: a space after a letter or digit only. Named in the error, not used.
+_AFTER_ALNUM = re.compile(r"(?<=[^\W_]) ")
+
+
 def check_token_starts(starts: Sequence[int], text: str, model: str, bounds: Sequence[int] | None = None) -> None:
     """Raise ValueError (one line: the model, the offset, the text around it) unless every boundary
-    of ``text`` is the start of one of the tokens whose start offsets are ``starts``."""
+    of ``text`` is the start of one of the tokens whose start offsets are ``starts``. When the token
+    over the boundary ends just after its space (the tokenizer attaches the space to the token before
+    it) and every space after a letter or digit does start a token, the error says that this rule would
+    hold for the model."""
     token_starts = set(starts)
+    ordered = sorted(token_starts)
     for offset in boundaries(text) if bounds is None else bounds:
         if offset not in token_starts:
             around = text[max(0, offset - 20) : offset + 20]
+            k = bisect.bisect_left(ordered, offset)  # ordered[k - 1] < offset < ordered[k]
+            hint = ""
+            if 0 < k < len(ordered) and ordered[k] == offset + 1:
+                token = text[ordered[k - 1] : ordered[k]]
+                rule = all(m.start() in token_starts for m in _AFTER_ALNUM.finditer(text))
+                hint = f"; its tokenizer attaches the space to the token before it ({token!r})" + (
+                    ": every space after a letter or digit does start a token, so a boundary rule 'a space "
+                    "after a letter or digit' would hold for it (not offered: boundaries must not depend on "
+                    "the tokenizers)"
+                    if rule
+                    else ""
+                )
             raise ValueError(
                 f"model {model}: no token starts at the word boundary at character {offset} (text around it: "
                 f"{around!r}); fusion across tokenizers needs every model to start a token at each space that "
-                "follows a word"
+                f"follows a word{hint}"
+            )
+
+
+def check_segment_tokens(
+    ids: Sequence[int], starts: Sequence[int], text: str, bounds: Sequence[int], in_set: torch.Tensor, model: str
+) -> None:
+    """Raise ValueError unless the tokens fit the closed-word reading that makes Q sum to at most 1:
+    the first token of every segment after the first is in W_m (its text starts with a space), and no
+    other token in W_m starts inside a segment after a non-whitespace character (a word-start token
+    there would close the word in the model's own writing, e.g. a Unigram tokenizer that turns a tab or
+    an NBSP into ``▁``). A word-start token after whitespace (indentation, a second space) is fine: the
+    model's writing does not close a word there either. ``check_token_starts`` comes first."""
+    bound_set = set(bounds)
+    vocab = in_set.numel()
+    seen: set[int] = set()
+    for k, (token, start) in enumerate(zip(ids, starts)):
+        word_start = token < vocab and bool(in_set[token])
+        first_at_bound = start in bound_set and start not in seen
+        seen.add(start)
+        if first_at_bound and not word_start:
+            raise ValueError(
+                f"model {model}: the token at the word boundary at character {start} ({text[start : start + 10]!r}) "
+                "does not decode to text starting with a space; fusion across tokenizers cannot tell where its "
+                "words start"
+            )
+        if word_start and not first_at_bound and k > 0 and start > 0 and not text[start - 1].isspace():
+            raise ValueError(
+                f"model {model}: token {k} starts with a space but sits inside a word at character {start} (text "
+                f"around it: {text[max(0, start - 20) : start + 20]!r}); its tokenizer reads a character there as "
+                "a space (e.g. a tab or an NBSP normalised to ▁), which fusion across tokenizers cannot score "
+                "honestly"
             )
 
 

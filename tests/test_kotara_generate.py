@@ -117,10 +117,29 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
-def test_padding_check_tells_our_model_from_the_hf_ones(workspace):
+def test_padding_check_passes_our_model_and_the_hf_ones(workspace):
     gpt2, llama, lunaris = _load(workspace, "a", "llama", "lunaris")
     assert handles_left_padding(StepModel.wrap(gpt2, 0)) and handles_left_padding(StepModel.wrap(llama, 1))
     assert handles_left_padding(StepModel.wrap(lunaris, 2))  # it takes padded batches (mask and positions)
+
+
+def test_padding_check_tells_models_that_honour_the_mask_from_those_that_do_not(workspace):
+    """GPT-2 and Llama honour left padding; a model that ignores the mask (here a GPT-2 that drops it, as
+    our own model refused padded batches before issue 31) fails the probe and is run grouped by length."""
+    from transformers import GPT2LMHeadModel
+
+    class MaskIgnoring(GPT2LMHeadModel):
+        def forward(self, *args, attention_mask=None, position_ids=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    gpt2, llama = _load(workspace, "a", "llama")
+    assert handles_left_padding(StepModel.wrap(gpt2, 0)) and handles_left_padding(StepModel.wrap(llama, 1))
+    ignoring = MaskIgnoring.from_pretrained(workspace["a"]).eval()
+    assert not handles_left_padding(StepModel.wrap(ignoring, 2))
+    out = generate([ignoring, gpt2.module], workspace["tokenizer"], PROMPTS, "average", 5, batch_size=4)
+    for prompt, got in zip(PROMPTS, out):  # grouped by length: each row as if alone
+        (alone,) = generate([ignoring, gpt2.module], workspace["tokenizer"], [prompt], "average", 5)
+        assert got.token_ids == alone.token_ids, prompt
 
 
 @pytest.mark.parametrize("kind", ["a", "llama", "lunaris"])

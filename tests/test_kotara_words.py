@@ -118,19 +118,46 @@ def per_token(lm: ToyLM, tokenizer: ToyTokenizer, text: str) -> tuple[torch.Tens
 
 
 def segment_table(models, text: str) -> torch.Tensor:
-    """log q_m(s_j) [M, J] for (lm, tokenizer) pairs, the last segment closed by EOS."""
+    """log q_m(s_j) [M, J] for (lm, tokenizer) pairs, the last segment closed by EOS (after the checks
+    the word path runs on every model)."""
     bounds = words.boundaries(text)
     rows = []
     for lm, tokenizer in models:
         starts = tokenizer.starts(text)
         words.check_token_starts(starts, text, "toy", bounds)
+        ids = [tokenizer.vocab.index(t) for t in tokenizer.tokens(text)]
+        in_set = torch.tensor([t in tokenizer.word_start for t in tokenizer.vocab])
+        words.check_segment_tokens(ids, starts, text, bounds, in_set, "toy")
         log_p, log_s, close = per_token(lm, tokenizer, text)
         segment = words.target_segments(starts, bounds)
         rows.append(words.segment_log_probs(log_p, log_s, segment, len(bounds) + 1, close))
     return torch.stack(rows)
 
 
+class UnigramToyTokenizer(ToyTokenizer):
+    """A Unigram (SentencePiece-style) tokenizer: each segment cut by Viterbi, the split whose pieces'
+    log-scores sum highest (not greedy longest match: "aba" is "a" + "ba" here)."""
+
+    def __init__(self, scores: dict[str, float]):
+        super().__init__(list(scores))
+        self.scores = scores
+
+    def tokens(self, text: str) -> list[str]:
+        out = []
+        for part in words.segments(text):
+            best: list[tuple[float, list[str]]] = [(0.0, [])] + [(-math.inf, [])] * len(part)
+            for end in range(1, len(part) + 1):
+                for piece, score in self.scores.items():
+                    start = end - len(piece)
+                    if start >= 0 and part[start:end] == piece and best[start][0] + score > best[end][0]:
+                        best[end] = (best[start][0] + score, best[start][1] + [piece])
+            out.extend(best[-1][1])
+        return out
+
+
 CHARS = ToyTokenizer(list(ALPHABET))
+UNIGRAM = UnigramToyTokenizer({"a": -2.0, "b": -2.0, " ": -3.0, "ab": -3.5, "ba": -1.5, " a": -2.5, " b": -0.5,
+                               "  ": -2.0, " ab": -6.0})  # fmt: skip
 MERGES = ToyTokenizer(["a", "b", " ", "ab", "ba", " a", " b", " ab", "bb"])
 SPACES_ALONE = ToyTokenizer(["a", "b", " ", "aa", "ab", "bab"])
 TOY_MODELS = [
@@ -172,6 +199,16 @@ def test_toy_models_are_distributions_over_texts():
 @pytest.mark.parametrize("strategy", words.WORD_STRATEGIES)
 def test_exhaustive_fused_probabilities_sum_to_one(strategy):
     total = sum(math.exp(fused_log_prob(TOY_MODELS, x, strategy)) for x in all_texts())
+    assert total == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("strategy", words.WORD_STRATEGIES)
+def test_exhaustive_sum_is_one_with_a_unigram_tokenizer(strategy):
+    """The guarantee with a Viterbi (Unigram) tokenizer whose splits are not greedy and which writes
+    word-start tokens after whitespace inside a segment ("a  b": " b" after " "; the check accepts them)."""
+    assert UNIGRAM.tokens("aba") == ["a", "ba"] and UNIGRAM.tokens("a  b") == ["a", " ", " b"]
+    models = [TOY_MODELS[1], (canonical_lm(UNIGRAM, 5), UNIGRAM)]
+    total = sum(math.exp(fused_log_prob(models, x, strategy, WEIGHTS[:2])) for x in all_texts())
     assert total == pytest.approx(1.0, abs=1e-12)
 
 
@@ -328,6 +365,7 @@ def test_real_tokenizers_start_a_word_start_token_at_every_boundary(build, line_
     bounds = words.boundaries(text)
     words.check_token_starts(starts, text, "a", bounds)
     in_w = words.word_start_mask(tokenizer, len(tokenizer) + 5)
+    words.check_segment_tokens(ids, starts, text, bounds, in_w, "a")  # "  here", "\n  and": accepted
     assert not in_w[len(tokenizer) :].any()
     by_start = {}
     for token_id, start in zip(ids, starts):
@@ -351,3 +389,36 @@ def test_a_tokenizer_that_drops_spaces_is_an_error(tmp_path):
         ValueError, match=r"^model b: no token starts at the word boundary at character 3 .*'the cat sat'"
     ):
         words.check_token_starts(starts, text, "b")
+
+
+def test_a_word_start_token_inside_a_word_is_an_error():
+    """A Unigram tokenizer that normalises NBSP (or a tab) to a space writes "▁b" inside the segment
+    "a\u00a0b": every boundary still starts a token, but its "▁b" would close the word "a" in its own
+    writing, so Q would count that mass twice. Refused (it was accepted before)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<unk>", 0.0), ("▁a", -1.0), ("▁b", -1.0), ("a", -2.0), ("b", -2.0), ("▁", -3.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0))
+    backend.normalizer = normalizers.Sequence([normalizers.Replace("\u00a0", " "), normalizers.Replace("\t", " ")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    in_w = words.word_start_mask(tokenizer, len(tokenizer))
+    for text in ("a\u00a0b a", "a\tb a"):
+        ids, starts = words.tokenize_with_starts(tokenizer, [text])
+        bounds = words.boundaries(text)
+        words.check_token_starts(starts, text, "j", bounds)  # what was checked before: passes
+        with pytest.raises(ValueError, match=r"^model j: token 1 starts with a space but sits inside a word at ch"):
+            words.check_segment_tokens(ids, starts, text, bounds, in_w, "j")
+    ids, starts = words.tokenize_with_starts(tokenizer, ["a b  a"])  # a second space: "▁a" after whitespace
+    words.check_segment_tokens(ids, starts, "a b  a", words.boundaries("a b  a"), in_w, "j")
+
+
+def test_a_tokenizer_attaching_the_boundary_space_to_the_token_before_gets_the_rule_named():
+    """DeepSeek-Coder 33B writes "x = 10" as x, "Ġ=Ġ", 1, 0: no token starts at the space before 10.
+    The error says so and names the rule (a space after a letter or digit) that would hold for it."""
+    text = "x = 10 y"
+    starts = [0, 1, 4, 5, 6]  # x | " = " | 1 | 0 | " y"
+    with pytest.raises(ValueError, match=r"attaches the space to the token before it \(' = '\).*after a letter or"):
+        words.check_token_starts(starts, text, "d")
