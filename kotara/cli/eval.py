@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
+
+import torch
 
 import moc_kernels
 from kotara.cli import options
 from kotara.cli.options import PROG
+from kotara.steps import FusionSpec
 from moc_kernels import STRATEGIES
 
 
@@ -103,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
             return run_words(args, tokenizers)
     args.strategy = args.strategy or "entropy"
     strategies = options.strategies(args.strategy)
-    from kotara.harness import FusedLM, evaluate_rows
-    from kotara.harness_report import format_rows, rows_json
-    from kotara.report import write_json_atomic
+    from kotara.harness import FusedLM
     from kotara.tasks import resolve_tasks
 
     paths, _, devices, dtypes = options.resolve_models(args)
@@ -120,38 +122,16 @@ def run(args: argparse.Namespace) -> int:
         poe_betas=spec.poe_betas, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
     )  # fmt: skip
     lm.progress = not args.no_progress
-    seeds = {} if args.seed is None else {
-        f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
-    }  # fmt: skip
-    rows = evaluate_rows(
-        lm, tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
-        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, **seeds,
-    )  # fmt: skip
     labels = {m.name: path for m, path in zip(models, paths)}
-    print(format_rows(rows, labels))
-    if args.output_path:
-        config = {
-            "command": "kotara eval", "tasks": args.tasks, "resolved_tasks": tasks, "include_path": args.include_path,
-            "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
-            "max_length": lm.max_length, "seed": args.seed, "bootstrap_iters": args.bootstrap_iters,
-            "strategy": args.strategy, "temperatures": spec.temperatures, "weights": spec.weights,
-            "poe_betas": spec.poe_betas, "tokenizer": tokenizer_path, "dtype": args.dtype,
-            "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
-        }  # fmt: skip
-        write_json_atomic(args.output_path, rows_json(rows, lm, labels, config, args.log_samples))
-        print(f"results saved to {args.output_path}")
-    return 0
+    own = {"poe_betas": spec.poe_betas, "tokenizer": tokenizer_path}
+    return evaluate_and_report(lm, args, tasks, manager, labels, args.strategy, spec, own, devices)
 
 
-def run_words(args: argparse.Namespace, tokenizers: list) -> int:
+def run_words(args: argparse.Namespace, tokenizers: list[Any | None]) -> int:
     """``kotara eval`` fused per word (models whose tokenizers differ, or ``--fusion_unit word``):
     ``kotara.harness_words.WordFusedLM`` on the tasks, each model with its own tokenizer."""
     from kotara import loading
-    from kotara.harness import evaluate_rows
-    from kotara.harness_report import format_rows, rows_json
     from kotara.harness_words import WordFusedLM
-    from kotara.report import write_json_atomic
     from kotara.tasks import resolve_tasks
 
     strategy = args.strategy or "all"
@@ -173,6 +153,21 @@ def run_words(args: argparse.Namespace, tokenizers: list) -> int:
         models, strategy=strategy, temperatures=spec.temperatures, weights=spec.weights, switch_rate=args.switch_rate,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
     )  # fmt: skip
+    labels = {r.name: path for r, path in zip(lm.readers, paths)}
+    own = {"fusion_unit": "word", "switch_rate": args.switch_rate}
+    return evaluate_and_report(lm, args, tasks, manager, labels, strategy, spec, own, devices)
+
+
+def evaluate_and_report(
+    lm: Any, args: argparse.Namespace, tasks: list[str], manager: Any, labels: dict[str, str], strategy: str,
+    spec: FusionSpec, own: dict[str, Any], devices: list[torch.device],
+) -> int:  # fmt: skip
+    """Both paths' last steps: lm-eval on every row, the table, and with --output_path the JSON, whose
+    config is the run's settings plus the path's ``own`` (token: PoE betas, tokenizer; word: switch rate)."""
+    from kotara.harness import evaluate_rows
+    from kotara.harness_report import format_rows, rows_json
+    from kotara.report import write_json_atomic
+
     seeds = {} if args.seed is None else {
         f"{k}_seed": args.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")
     }  # fmt: skip
@@ -181,16 +176,14 @@ def run_words(args: argparse.Namespace, tokenizers: list) -> int:
         limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
         bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, **seeds,
     )  # fmt: skip
-    labels = {r.name: path for r, path in zip(lm.readers, paths)}
     print(format_rows(rows, labels))
     if args.output_path:
         config = {
-            "command": "kotara eval", "fusion_unit": "word", "tasks": args.tasks, "resolved_tasks": tasks,
-            "include_path": args.include_path, "num_fewshot": args.num_fewshot, "limit": args.limit,
-            "batch_size": args.batch_size, "max_length": lm.max_length, "seed": args.seed,
-            "bootstrap_iters": args.bootstrap_iters, "strategy": strategy, "temperatures": spec.temperatures,
-            "weights": spec.weights, "switch_rate": args.switch_rate, "dtype": args.dtype,
-            "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
+            "command": "kotara eval", "tasks": args.tasks, "resolved_tasks": tasks, "include_path": args.include_path,
+            "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
+            "max_length": lm.max_length, "seed": args.seed, "bootstrap_iters": args.bootstrap_iters,
+            "strategy": strategy, "temperatures": spec.temperatures, "weights": spec.weights, **own,
+            "dtype": args.dtype, "devices": [str(d) for d in devices], "kernels": moc_kernels.get_backend(),
         }  # fmt: skip
         write_json_atomic(args.output_path, rows_json(rows, lm, labels, config, args.log_samples))
         print(f"results saved to {args.output_path}")
