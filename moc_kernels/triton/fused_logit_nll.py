@@ -59,7 +59,7 @@ from moc_kernels.reference.fused_logit_nll import (
     strategy_weights,
 )
 from moc_kernels.triton.compile_spec import KernelSpec
-from moc_kernels.triton.utils import device_vector, on_device
+from moc_kernels.triton.utils import TL_NAME, device_vector, on_device
 
 MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
@@ -588,14 +588,12 @@ def fused_log_probs(
 
 # ------------------------------------------------------------------------------------------ compile specs
 
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def compile_specs() -> list[KernelSpec]:
     """Every kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``."""
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
-        name = _TL_NAME[dtype]
+        name = TL_NAME[dtype]
         for size, config in CONFIGS["stats"].items():
             signature = {
                 "logits_ptr": f"*{name}",

@@ -12,9 +12,8 @@ import triton
 
 from moc_kernels import backend
 from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
+from moc_kernels.triton.utils import TL_NAME
 
-# Triton's name of each data dtype (config-table keys and report labels).
-TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META = ("PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from moc_kernels.triton.compile_spec import KernelSpec
-from moc_kernels.triton.utils import on_device
+from moc_kernels.triton.utils import TL_NAME, on_device
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
@@ -117,19 +117,16 @@ def target_and_set_log_probs(
     logits: torch.Tensor, targets: torch.Tensor, in_set: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target) [N], log p(set) [N]) fp32 of logits [N, V] fp32|bf16|fp16 at ``temperature``."""
-    if logits.dtype not in _TL_NAME:
+    if logits.dtype not in TL_NAME:
         raise ValueError(f"target_and_set_log_probs (triton): unsupported logits dtype {logits.dtype}")
     return target_and_set_log_probs_op(logits, targets, in_set, float(temperature))
-
-
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def compile_specs() -> list[KernelSpec]:
     """The kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``."""
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
-        name = _TL_NAME[dtype]
+        name = TL_NAME[dtype]
         for size, config in CONFIGS.items():
             signature = {
                 "logits_ptr": f"*{name}",

@@ -27,7 +27,7 @@ from moc_kernels.triton.compile_spec import KernelSpec
 
 # The interpreter-safe product and rounding helpers (see there); shared with small_attention.
 from moc_kernels.triton.small_attention import _cast, _dot
-from moc_kernels.triton.utils import on_device
+from moc_kernels.triton.utils import TL_NAME, on_device
 
 # Launch configurations: the one place they live (launchers and compile_specs() read this table).
 # Copies are bound by HBM bytes: an 8-row x 256-feature tile with 4 warps gives each thread 16
@@ -37,8 +37,6 @@ CONFIGS: dict[str, dict[str, int]] = {
     "fwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
     "bwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
 }
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 _UNIT_STRIDES = ("stride_yd", "stride_gd", "stride_od", "stride_ik")
 
@@ -249,14 +247,14 @@ def compile_specs() -> list[KernelSpec]:
                 elif name == "idx_ptr":
                     signature[name] = "*i64"
                 elif name.endswith("_ptr"):
-                    signature[name] = "*" + _TL_NAME[dtype]
+                    signature[name] = "*" + TL_NAME[dtype]
                 else:
                     signature[name] = "i32"
             warps = config["num_warps"]
             specs.append(
                 KernelSpec(
                     kernel=kernel.__name__,
-                    config=f"BR{config['BLOCK_R']}-BD{config['BLOCK_D']}-w{warps}-{_TL_NAME[dtype]}",
+                    config=f"BR{config['BLOCK_R']}-BD{config['BLOCK_D']}-w{warps}-{TL_NAME[dtype]}",
                     fn=kernel,
                     signature=signature,
                     constexprs=constexprs,
@@ -279,14 +277,14 @@ def compile_specs() -> list[KernelSpec]:
                 elif name == "idx_ptr":
                     signature[name] = "*i64"
                 elif name.endswith("_ptr"):
-                    signature[name] = "*" + _TL_NAME[dtype]
+                    signature[name] = "*" + TL_NAME[dtype]
                 else:
                     signature[name] = "i32"
             label = "-".join(f"{name[6:]}{config[name]}" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             specs.append(
                 KernelSpec(
                     kernel=kernel.__name__,
-                    config=f"{label}-w{config['num_warps']}-s{config['num_stages']}-{_TL_NAME[dtype]}",
+                    config=f"{label}-w{config['num_warps']}-s{config['num_stages']}-{TL_NAME[dtype]}",
                     fn=kernel,
                     signature=signature,
                     constexprs=constexprs,

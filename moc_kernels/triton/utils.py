@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+# Triton's name of each data dtype (config-table keys, compile signatures, report labels).
+TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context in which to launch kernels on ``tensor``: its CUDA device made current.
