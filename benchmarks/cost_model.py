@@ -307,13 +307,8 @@ def routed_rows(shape: BenchShape = GPT2_SMALL) -> list[Cost]:
     return rows
 
 
-def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None) -> Cost:
-    """The whole MoC layer (the model's CollaborativeExpertsModule), forward + backward."""
-    from benchmarks.moc_layer import build_moc_module
-
-    op_costs = op_costs if op_costs is not None else op_rows(shape)
-    with torch.device("meta"):
-        module = build_moc_module(shape, "meta")
+def _reference_layer_cost(module: torch.nn.Module, shape: BenchShape) -> tuple[float, float]:
+    """(FLOPs, bytes) of one forward + backward of an expert layer on the reference backend (meta device)."""
     x = _meta(1, shape.tokens, shape.dim, dtype=shape.dtype, grad=True)
     counter, flops = ByteCounter(), FlopCounterMode(display=False)
     with moc_kernels.use_backend("reference"), flops, counter:
@@ -321,7 +316,17 @@ def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None
         aux = result.balance_loss + result.diversity_loss
         # .backward, not autograd.grad: FlopCounterMode's module hooks do not support grad() w.r.t. leaves.
         torch.autograd.backward([result.out, aux], [torch.empty_like(result.out), torch.ones_like(aux)])
-    rflops, rbytes = float(flops.get_total_flops()), float(counter.bytes)
+    return float(flops.get_total_flops()), float(counter.bytes)
+
+
+def layer_row(shape: BenchShape = GPT2_SMALL, op_costs: list[Cost] | None = None) -> Cost:
+    """The whole MoC layer (the model's CollaborativeExpertsModule), forward + backward."""
+    from benchmarks.moc_layer import build_moc_module
+
+    op_costs = op_costs if op_costs is not None else op_rows(shape)
+    with torch.device("meta"):
+        module = build_moc_module(shape, "meta")
+    rflops, rbytes = _reference_layer_cost(module, shape)
     # The layer calls expert_swiglu, topk_gather and the two small attentions once each.
     in_layer = [c for c in op_costs if c.pass_ == "fwd+bwd"]
     kflops = rflops - sum(c.reference_flops for c in in_layer) + sum(c.kernel_flops for c in in_layer)
@@ -346,13 +351,7 @@ def sparse_layer_row(
     config = model_config(shape, ffn="moc_sparse", router_context=False)
     with torch.device("meta"):
         module = _random_weights(SparseCollaborativeExpertsModule(config), shape, "meta")
-    x = _meta(1, shape.tokens, shape.dim, dtype=shape.dtype, grad=True)
-    counter, flops = ByteCounter(), FlopCounterMode(display=False)
-    with moc_kernels.use_backend("reference"), flops, counter:
-        result = module(x)
-        aux = result.balance_loss + result.diversity_loss
-        torch.autograd.backward([result.out, aux], [torch.empty_like(result.out), torch.ones_like(aux)])
-    rflops, rbytes = float(flops.get_total_flops()), float(counter.bytes)
+    rflops, rbytes = _reference_layer_cost(module, shape)
     N, D, E, F, k, dt = shape.tokens, shape.dim, shape.experts, shape.hidden, shape.top_k, shape.dtype
     experts_in = (_meta(N, D, dtype=dt, grad=True), _meta(N, k, dtype=torch.int64))
     weights = (_meta(E, D, 2 * F, dtype=dt, grad=True), None, _meta(E, F, D, dtype=dt, grad=True))
