@@ -95,7 +95,9 @@ def draw_word(
     log_p = lm.log_probs_along(context, [])[0].double()
     if not first:  # the word starts at a boundary: its first token starts with a space
         vocab = lm.in_set.numel()
-        log_p = torch.cat([log_p[:vocab].masked_fill(~lm.in_set, float("-inf")), log_p[vocab:].fill_(float("-inf"))])
+        # Out of place: the row is the model's (a WordLM may hand out the same tensor again).
+        special = torch.full_like(log_p[vocab:], float("-inf"))
+        log_p = torch.cat([log_p[:vocab].masked_fill(~lm.in_set, float("-inf")), special])
     while True:
         token = _choose(log_p, greedy, generator)
         if lm.eos_id is not None and token == lm.eos_id:

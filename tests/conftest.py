@@ -1,4 +1,7 @@
-"""Shared test helpers: the one tolerance table and the relative-error measure (DESIGN §4)."""
+"""Shared test helpers: the one tolerance table and the relative-error measure (DESIGN §4); how the
+whole suite spreads over the machine's cores."""
+
+import os
 
 import pytest
 import torch
@@ -20,6 +23,36 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``python -m pytest`` with no path (the whole suite, from ``testpaths``) runs on every core: one
+    pytest-xdist worker per core, idle workers stealing queued tests. A run naming its tests, one given
+    ``-n``, or a machine without pytest-xdist (the GPU image) runs in this process, as pytest does."""
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if not (whole_suite and config.pluginmanager.has_plugin("xdist")) or config.option.numprocesses is not None:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.option.usepdb:
+        return
+    config.option.numprocesses = "auto"
+    config.option.dist = "worksteal"
+    if config.pluginmanager.has_plugin("benchmark"):  # tests/ holds no benchmark: no "disabled" warning
+        config.option.benchmark_disable = True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker, torch (and every process a test starts) gets this worker's share of the
+    cores: two workers with two intra-op threads each on two cores would make every op wait for a
+    descheduled thread."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        # A command a test starts is not an xdist worker (pytest-benchmark would disable itself there).
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            os.environ.pop(name, None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

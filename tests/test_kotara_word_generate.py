@@ -3,6 +3,7 @@ models match the fused closed-word mixture Q, and the CLI generates with two rea
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -35,15 +36,16 @@ class ToyWordLM:
         return self.tokenizer.starts(text)
 
     def log_probs_along(self, context, new):
-        rows = []
-        for k in range(len(new) + 1):
-            prefix = tuple(self.vocab[i] for i in [*context, *new[:k]])
-            if self.lm.prefix_mass.get(prefix, 0.0) == 0.0:
-                rows.append(torch.full((len(self.vocab) + 1,), float("-inf"), dtype=torch.float64))
-                continue
-            probs = self.lm.next_probs(prefix)
-            rows.append(torch.tensor([probs[t] for t in self.vocab] + [probs["<eos>"]], dtype=torch.float64).log())
-        return torch.stack(rows)
+        ids = [*context, *new]
+        return torch.stack([self._next_log_probs(tuple(ids[: len(context) + k])) for k in range(len(new) + 1)])
+
+    @functools.cache  # noqa: B019  (a test's few toy models; a row is a pure function of its prefix)
+    def _next_log_probs(self, ids: tuple[int, ...]) -> torch.Tensor:
+        prefix = tuple(self.vocab[i] for i in ids)
+        if self.lm.prefix_mass.get(prefix, 0.0) == 0.0:
+            return torch.full((len(self.vocab) + 1,), float("-inf"), dtype=torch.float64)
+        probs = self.lm.next_probs(prefix)
+        return torch.tensor([probs[t] for t in self.vocab] + [probs["<eos>"]], dtype=torch.float64).log()
 
 
 MODELS = [(canonical_lm(MERGES, 2), MERGES), (canonical_lm(SPACES_ALONE, 3), SPACES_ALONE)]
