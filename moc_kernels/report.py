@@ -31,7 +31,7 @@ from pathlib import Path
 
 from moc_kernels import backend
 from moc_kernels.backend import KERNEL_OPS as OPS
-from moc_kernels.triton.compile_spec import divisible_args, pointer_attrs
+from moc_kernels.triton.compile_spec import divisible_args
 
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (opt-in), per compute capability.
@@ -104,8 +104,7 @@ def compile_rows(specs: list, cc: int) -> list[dict]:
 
     kernels = []
     for spec in specs:
-        attrs = spec.attrs if spec.attrs is not None else pointer_attrs(spec.fn, spec.signature)
-        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         kernels.append(triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options))
     # The arch the code is for, as the PTX names it: cc 90 compiles for sm_90a (wgmma needs it).
@@ -137,8 +136,6 @@ def _row(spec, cc: int, kernel, sass: str) -> dict:
 
 def specialization(spec) -> str:
     """What the row's compile assumed of the launch: which arguments are divisible by 16 (and whence)."""
-    if spec.attrs is None:
-        return "assumed: pointers 16-B aligned, no integer hints (hand-written spec)"
     return f"{spec.assumed}; divisible by 16: {', '.join(divisible_args(spec.fn, spec.attrs)) or 'none'}"
 
 

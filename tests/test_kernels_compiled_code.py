@@ -38,12 +38,12 @@ SOFTMAX_KERNELS = [
 
 _COMPILE = textwrap.dedent(
     """
-    import json, sys, triton
+    import json, sys, torch, triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from moc_kernels import backend
-    from moc_kernels.triton.compile_spec import KernelSpec
+    from moc_kernels.triton.compile_spec import launch_spec
 
     @triton.jit
     def scale_then_subtract(x_ptr, y_ptr, inv_t, BLOCK: tl.constexpr):
@@ -56,9 +56,9 @@ _COMPILE = textwrap.dedent(
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
-    control = KernelSpec("scale_then_subtract", "control", scale_then_subtract,
-                         {"x_ptr": "*fp32", "y_ptr": "*fp32", "inv_t": "fp32", "BLOCK": "constexpr"},
-                         {"BLOCK": 256}, num_warps=4, num_stages=1)
+    x = torch.empty(256, device="meta")
+    control = launch_spec(scale_then_subtract, {"x_ptr": x, "y_ptr": x, "inv_t": 0.5, "BLOCK": 256},
+                          config="control", num_warps=4, num_stages=1)
     out = {"control": ptx(control)}
     for op, kernel, prefix, suffix in json.loads(sys.argv[1]):
         spec = next(s for s in backend.kernel_module(op).compile_specs()

@@ -27,9 +27,9 @@ def test_report_reads_registers_and_tensor_cores_of_a_known_gemm(tmp_path):
     # A 64x64x32 bf16 tile GEMM: tl.dot must become HMMA on sm_80 and HGMMA (wgmma) on sm_90.
     code = textwrap.dedent(
         """
-        import json, triton, triton.language as tl
+        import json, torch, triton, triton.language as tl
         from moc_kernels.report import compile_rows
-        from moc_kernels.triton.compile_spec import KernelSpec
+        from moc_kernels.triton.compile_spec import launch_spec
 
         @triton.jit
         def tile_gemm(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -42,10 +42,13 @@ def test_report_reads_registers_and_tensor_cores_of_a_known_gemm(tmp_path):
             o = tl.arange(0, BLOCK)
             tl.store(y + o, tl.load(x + o))
 
-        gemm = KernelSpec("tile_gemm", "64x64x32", tile_gemm, {"a": "*bf16", "b": "*bf16", "c": "*fp32",
-                          "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
-                          {"BM": 64, "BN": 64, "BK": 32}, num_warps=4, matmul=True)
-        plain = KernelSpec("copy", "1024", copy, {"x": "*fp32", "y": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+        def empty(*size, dtype=torch.float32):
+            return torch.empty(size, dtype=dtype, device="meta")
+
+        a, b = empty(64, 32, dtype=torch.bfloat16), empty(32, 64, dtype=torch.bfloat16)
+        gemm_args = {"a": a, "b": b, "c": empty(64, 64), "BM": 64, "BN": 64, "BK": 32}
+        gemm = launch_spec(tile_gemm, gemm_args, config="64x64x32", num_warps=4, matmul=True)
+        plain = launch_spec(copy, {"x": empty(1024), "y": empty(1024), "BLOCK": 1024}, config="1024")
         # One nvdisasm run per arch, as in the report: the GEMM between two copies, so SASS given to a
         # neighbour (either side) shows up as a copy with tensor cores.
         print(json.dumps([row for cc in (80, 90) for row in compile_rows([plain, gemm, plain], cc)]))
@@ -157,7 +160,7 @@ def test_fused_lse_offsets_into_strategy_major_buffers_are_64_bit(tmp_path):
         from moc_kernels.triton import fused_logit_nll as f
 
         spec = next(s for s in f.compile_specs() if s.kernel == "_fused_lse_kernel" and s.config.endswith("S4-w4-bf16"))
-        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
         options = {"num_warps": spec.num_warps}
         ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ttir"]
         for line in re.findall(r"tt\\.addptr .*ptr<f32>.*", ttir):
@@ -178,7 +181,12 @@ def test_report_compiles_the_specialization_the_jit_gives_the_launch(tmp_path):
     aligned pointers and integers divisible by 16), a different binary from the one that launches.
     Each SwiGLU launch at the shipped shape is run through ``JITFunction.run`` itself, with a stand-in
     driver and a ``jit_cache_hook`` that records what the JIT would compile and stops it there; the
-    report's KernelSpec of the same plan must carry the same signature, constants and attributes."""
+    report's KernelSpec of the same plan must carry the same signature, constants and attributes.
+    The launchers of topk_gather / gather_matmul, fused_logit_nll and target_and_set_log_probs (their
+    specs were written by hand, with neither integer hints nor the launch's integer types) run the
+    same way at their modules' shipped shapes, and must give exactly the specs of their
+    ``compile_specs()``; and no row of the report may be a hand-written spec (every pointer of every
+    spec is marked aligned, as the JIT marks a launch's tensors)."""
     code = textwrap.dedent(
         """
         import json, torch, triton
@@ -195,11 +203,12 @@ def test_report_compiles_the_specialization_the_jit_gives_the_launch(tmp_path):
 
         def described(signature, constants, attrs):
             return {"signature": signature, "constants": {str(k): str(v) for k, v in constants.items()},
-                    "attrs": {str(k): v for k, v in attrs.items()}}
+                    "attrs": {str(k): v for k, v in (attrs or {}).items()}}  # None: a hand-written spec
 
-        seen = []
+        seen, named = [], []
         def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
             seen.append(described(compile["signature"], compile["constants"], compile["configs"][0]))
+            named.append([fn.name, seen[-1]])
             return True  # no compile: the specialization is all that is wanted
 
         triton.runtime.driver.set_active(Driver())
@@ -221,15 +230,60 @@ def test_report_compiles_the_specialization_the_jit_gives_the_launch(tmp_path):
             plan.run()
             spec = plan_spec(plan, torch.bfloat16)
             result.append([plan.name, list(seen), [described(spec.signature, spec.constexprs, spec.attrs)]])
-        print(json.dumps(result))
+
+        # The other modules' launchers, run as the ops run them (custom ops' own functions on meta tensors).
+        from moc_kernels.report import kernel_specs
+        from moc_kernels.triton import fused_logit_nll as fl, target_and_set_log_probs as ts, topk_gather as tg
+        from moc_kernels.triton.compile_spec import divisible_args
+
+        def empty(*size, dtype=torch.float32):
+            return torch.empty(size, dtype=dtype, device="meta")
+
+        named.clear()
+        N, E, k, D, F = (tg.SHIPPED_SHAPE[key] for key in ("N", "E", "k", "D", "F"))
+        idx = empty(N, k, dtype=torch.int64)
+        for dtype in (torch.bfloat16, torch.float32):
+            y, w = empty(N, E, D, dtype=dtype), empty(D, F, dtype=dtype)
+            tg.topk_gather_fwd._init_fn(y, idx)
+            tg.topk_gather_bwd._init_fn(empty(N, k, D, dtype=dtype), idx, E)
+            tg.gather_matmul_fwd._init_fn(y, idx, w)
+            tg.gather_matmul_bwd._init_fn(y, idx, w, empty(N, k, F, dtype=dtype))
+        for rows, vocab in fl.SHIPPED_SHAPES:
+            for dtype in (torch.bfloat16, torch.float32):
+                logits, row_max = [empty(rows, vocab, dtype=dtype) for _ in range(8)], empty(8, rows)
+                fl._model_stats(logits[:1], empty(rows, dtype=torch.int64), [0.7])
+                for models, strategies in ((2, 1), (2, 4), (8, 4)):
+                    fl._fused_lse(logits[:models], row_max[:models], empty(strategies, models, rows))
+                for models, mixture in ((2, False), (2, True), (8, False), (8, True)):
+                    coef = offset = row_max[:models]
+                    fl._pool_log_probs(logits[:models], row_max[:models], coef, offset, mixture)
+        for rows, vocab in ts.SHIPPED_SHAPES:
+            for dtype in (torch.bfloat16, torch.float32):
+                targets, in_set = empty(rows, dtype=torch.int64), empty(vocab, dtype=torch.bool)
+                ts.target_and_set_log_probs_op._init_fn(empty(rows, vocab, dtype=dtype), targets, in_set, 0.7)
+        specs = [s for module in (tg, fl, ts) for s in module.compile_specs()]
+        reported = [[s.kernel, described(s.signature, s.constexprs, s.attrs)] for s in specs]
+        unhinted = [
+            f"{op} {s.kernel} [{s.config}]"
+            for op, s in kernel_specs()
+            if s.attrs is None
+            or {a for a, t in s.signature.items() if t.startswith("*")} - set(divisible_args(s.fn, s.attrs))
+        ]
+        print(json.dumps({"swiglu": result, "launches": named, "reported": reported, "unhinted": unhinted}))
         """
     )
     script = tmp_path / "jit_specialization.py"
     script.write_text(code)
     proc = run_python([str(script)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
+    out = json.loads(proc.stdout)
+    result = out["swiglu"]
     assert len(result) == 12
     for name, jit, report in result:
         assert len(jit) == 1 and jit == report, name
         assert ["tt.divisibility", 16] in [a for attrs in jit[0]["attrs"].values() for a in attrs], name
+    # 10 topk_gather / gather_matmul launches, 3 x 2 x 8 fused_logit_nll, 3 x 2 target_and_set_log_probs.
+    assert len(out["launches"]) == 10 + 48 + 6
+    key = json.dumps
+    assert sorted(out["launches"], key=key) == sorted(out["reported"], key=key)
+    assert out["unhinted"] == []

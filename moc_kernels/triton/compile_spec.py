@@ -1,8 +1,9 @@
 """What ``python -m moc_kernels.report`` needs to compile one shipped kernel configuration offline.
 
 Each kernel module (``moc_kernels/triton/<op>.py``) keeps its launch-configuration table next to its
-kernels and exposes ``compile_specs() -> list[KernelSpec]``: one entry per kernel x shipped config,
-built from that same table, so the report compiles exactly what the launchers launch.
+kernels and exposes ``compile_specs() -> list[KernelSpec]``: one entry per kernel x shipped config, each made by
+:func:`launch_spec` from the argument dict the launcher itself builds (a helper both call) on meta
+tensors at a stated shipped shape, so the report compiles exactly what the launchers launch.
 
 The launch build: at a launch, Triton's JIT specialises the kernel on its arguments (an integer equal
 to 1 becomes a constant; a pointer or integer divisible by 16 gets ``tt.divisibility = 16``, which
@@ -14,7 +15,7 @@ Triton 3.6 to 3.9) on a launch's arguments, so the report compiles the binary a 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,13 +32,11 @@ class KernelSpec:
     config: str  # a short label of the config, e.g. "BM64-BN128-BK32-w8-s3-bf16"
     fn: Any  # the triton.JITFunction itself
     signature: dict[str, str]  # every argument: "*fp32", "*bf16", "i32", "i64", "fp32", ... or "constexpr"
-    constexprs: dict[Any, Any] = field(default_factory=dict)  # values of the "constexpr" arguments
+    constexprs: dict[Any, Any]  # values of the "constexpr" arguments
+    attrs: dict[tuple, list]  # the JIT's per-argument attributes, {(index,): [["tt.divisibility", 16]]}
     num_warps: int = 4
     num_stages: int = 3
     matmul: bool = False  # True when its products should lower to mma (sm_80) / wgmma (sm_90a)
-    # The JIT's per-argument attributes ({(index,): [["tt.divisibility", 16]]}), None when the spec was
-    # written by hand (the report then assumes only that pointers are 16-byte aligned: ``assumed``).
-    attrs: dict[tuple, list] | None = None
     assumed: str = LAUNCH_ASSUMED  # what the specialization assumed, shown in the report's rows
 
 
@@ -76,16 +75,6 @@ def jit_specialization(fn, args: dict[str, Any]) -> tuple[dict[str, str], dict[t
         warnings.simplefilter("ignore", UserWarning)
         _, signature, constexprs, attrs = fn._pack_args(backend, {}, bound, specialization, options)
     return signature, constexprs, attrs
-
-
-def pointer_attrs(fn, signature: dict[str, str]) -> dict[tuple, list]:
-    """The attributes of a hand-written spec: every pointer 16-byte aligned (a fresh allocation), no
-    integer hint (its launch values are unknown to the spec)."""
-    return {
-        (i,): [["tt.divisibility", 16]] if signature[name].startswith("*") else []
-        for i, name in enumerate(fn.arg_names)
-        if signature[name] != "constexpr"
-    }
 
 
 def divisible_args(fn, attrs: dict[tuple, list]) -> list[str]:

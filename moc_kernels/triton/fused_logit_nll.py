@@ -58,7 +58,7 @@ from moc_kernels.reference.fused_logit_nll import (
     FusedNLL,
     strategy_weights,
 )
-from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
 from moc_kernels.triton.utils import TL_NAME, device_vector, on_device
 
 MAX_MODELS = 8  # pass 2 takes the model pointers as separate arguments
@@ -341,53 +341,67 @@ def _fused_log_probs_kernel(
 # ------------------------------------------------------------------------------------------ launchers
 
 
+def _stats_launch(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, temperature: float):
+    """(grid, every argument by name, config) of pass 1's launch on one model's logits [N, V]; ``stats``:
+    its [5, N] fp32 outputs (m, log s, entropy, gap, z[target])."""
+    num_rows, vocab_size = logits.shape
+    config = _config("stats", vocab_size)
+    values = [logits, logits.stride(0), targets, *stats, vocab_size, 1.0 / temperature]
+    args = dict(zip(_model_stats_kernel.arg_names, values), IGNORE=IGNORE_INDEX, BLOCK_V=config["BLOCK_V"])
+    return (num_rows,), args, config
+
+
 def _model_stats(logits: list[torch.Tensor], targets: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """Pass 1, one launch per model: M x [N, V] -> [5, M, N] fp32 (m, log s, entropy, gap, z[target])."""
-    num_rows, vocab_size = logits[0].shape
+    num_rows = logits[0].shape[0]
     out = _empty((5, len(logits), num_rows), torch.float32, logits[0].device)
-    config = _config("stats", vocab_size)
     with on_device(logits[0]):
         for i, (lg, temperature) in enumerate(zip(logits, temperatures)):
-            _model_stats_kernel[(num_rows,)](
-                lg,
-                lg.stride(0),
-                targets,
-                *out[:, i],
-                vocab_size,
-                1.0 / temperature,
-                IGNORE=IGNORE_INDEX,
-                BLOCK_V=config["BLOCK_V"],
-                num_warps=config["num_warps"],
-                num_stages=config["num_stages"],
-            )
+            grid, args, config = _stats_launch(lg, targets, out[:, i], temperature)
+            _model_stats_kernel[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
+
+
+def _fused_lse_launch(logits: list[torch.Tensor], row_max: torch.Tensor, coef: torch.Tensor, out: torch.Tensor):
+    """(grid, every argument by name, config) of pass 2's launch (``_fused_lse``'s arguments, out [S, N])."""
+    num_strategies, num_models, num_rows = coef.shape
+    vocab_size = logits[0].shape[1]
+    config = _config("fused_lse", vocab_size)
+    padded = [*logits] + [logits[0]] * (MAX_MODELS - num_models)  # unused pointer arguments
+    values = [*padded, *(lg.stride(0) for lg in padded), row_max, coef, out, num_rows, vocab_size, num_strategies]
+    args = dict(zip(_fused_lse_kernel.arg_names, values), M=num_models, BLOCK_V=config["BLOCK_V"])
+    args["S_PAD"] = triton.next_power_of_2(num_strategies)
+    return (num_rows,), args, config
 
 
 def _fused_lse(logits: list[torch.Tensor], row_max: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """Pass 2: logits M x [N, V], row_max [M, N], coef [S, M, N] fp32 -> [S, N] fp32,
     logsumexp_v(sum_i coef_i (logits_i - row_max_i))."""
-    num_strategies, num_models, num_rows = coef.shape
-    vocab_size = logits[0].shape[1]
+    num_strategies, _, num_rows = coef.shape
     out = _empty((num_strategies, num_rows), torch.float32, coef.device)
-    config = _config("fused_lse", vocab_size)
-    padded = logits + [logits[0]] * (MAX_MODELS - num_models)  # unused pointer arguments
+    grid, args, config = _fused_lse_launch(logits, row_max, coef, out)
     with on_device(coef):
-        _fused_lse_kernel[(num_rows,)](
-            *padded,
-            *(lg.stride(0) for lg in padded),
-            row_max,
-            coef,
-            out,
-            num_rows,
-            vocab_size,
-            num_strategies,
-            M=num_models,
-            S_PAD=triton.next_power_of_2(num_strategies),
-            BLOCK_V=config["BLOCK_V"],
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _fused_lse_kernel[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
+
+
+def _log_probs_launch(
+    logits: list[torch.Tensor],
+    row_max: torch.Tensor,
+    coef: torch.Tensor,
+    offset: torch.Tensor,
+    out: torch.Tensor,
+    mixture: bool,
+):
+    """(grid, every argument by name, config) of pass 3's launch (``_pool_log_probs``'s arguments, out [N, V])."""
+    num_rows, vocab_size = logits[0].shape
+    config = _config("log_probs", vocab_size)
+    padded = [*logits] + [logits[0]] * (MAX_MODELS - len(logits))  # unused pointer arguments
+    values = [*padded, *(lg.stride(0) for lg in padded), row_max, coef, offset, out, out.stride(0)]
+    values += [num_rows, vocab_size]
+    args = dict(zip(_fused_log_probs_kernel.arg_names, values), M=len(logits), MIXTURE=mixture)
+    args["BLOCK_V"] = config["BLOCK_V"]
+    return (num_rows, triton.cdiv(vocab_size, config["BLOCK_V"])), args, config
 
 
 def _pool_log_probs(
@@ -396,25 +410,9 @@ def _pool_log_probs(
     """Pass 3: logits M x [N, V], row_max/coef/offset [M, N] fp32 -> log q [N, V] fp32 (module docstring)."""
     num_rows, vocab_size = logits[0].shape
     out = _empty((num_rows, vocab_size), torch.float32, coef.device)
-    config = _config("log_probs", vocab_size)
-    padded = logits + [logits[0]] * (MAX_MODELS - len(logits))  # unused pointer arguments
+    grid, args, config = _log_probs_launch(logits, row_max, coef, offset, out, mixture)
     with on_device(coef):
-        _fused_log_probs_kernel[(num_rows, triton.cdiv(vocab_size, config["BLOCK_V"]))](
-            *padded,
-            *(lg.stride(0) for lg in padded),
-            row_max,
-            coef,
-            offset,
-            out,
-            out.stride(0),
-            num_rows,
-            vocab_size,
-            M=len(logits),
-            MIXTURE=mixture,
-            BLOCK_V=config["BLOCK_V"],
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _fused_log_probs_kernel[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
 
@@ -589,74 +587,46 @@ def fused_log_probs(
 # ------------------------------------------------------------------------------------------ compile specs
 
 
-def compile_specs() -> list[KernelSpec]:
-    """Every kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``."""
+# (rows, vocabulary) the report compiles at: a Kotara window of 2048 tokens of contiguous logits over a
+# vocabulary within one "small" tile, GPT-2's 50257 (odd: neither the row stride nor V is divisible by
+# 16, so the JIT gives them no hint) and Qwen2's 151936 (both divisible by 16: hinted).
+SHIPPED_SHAPES = ((2048, 1000), (2048, 50257), (2048, 151936))
+
+
+def compile_specs(shapes=SHIPPED_SHAPES) -> list[KernelSpec]:
+    """Every kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``, one per
+    (rows, vocabulary) of ``shapes``, specialised as the JIT specialises the launchers' own arguments
+    (``_stats_launch``, ``_fused_lse_launch``, ``_log_probs_launch``) there."""
     specs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        name = TL_NAME[dtype]
-        for size, config in CONFIGS["stats"].items():
-            signature = {
-                "logits_ptr": f"*{name}",
-                "row_stride": "i64",
-                "targets_ptr": "*i64",
-                "max_ptr": "*fp32",
-                "log_sum_exp_ptr": "*fp32",
-                "entropy_ptr": "*fp32",
-                "gap_ptr": "*fp32",
-                "target_z_ptr": "*fp32",
-                "vocab_size": "i32",
-                "inv_temperature": "fp32",
-                "IGNORE": "constexpr",
-                "BLOCK_V": "constexpr",
-            }
-            specs.append(
-                KernelSpec(
-                    kernel="_model_stats_kernel",
-                    config=f"{size}-BV{config['BLOCK_V']}-w{config['num_warps']}-{name}",
-                    fn=_model_stats_kernel,
-                    signature=signature,
-                    constexprs={"IGNORE": IGNORE_INDEX, "BLOCK_V": config["BLOCK_V"]},
-                    num_warps=config["num_warps"],
-                    num_stages=config["num_stages"],
-                )
-            )
-        # The register-heaviest pass 2 is the most models with all four log-linear strategies.
-        for size, config in CONFIGS["fused_lse"].items():
-            for num_models, s_pad in ((2, 1), (2, 4), (MAX_MODELS, 4)):
-                signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
-                signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
-                signature |= {"max_ptr": "*fp32", "coef_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32"}
-                signature |= {"vocab_size": "i32"}
-                signature |= {"num_strategies": "i32", "M": "constexpr", "S_PAD": "constexpr", "BLOCK_V": "constexpr"}
-                specs.append(
-                    KernelSpec(
-                        kernel="_fused_lse_kernel",
-                        config=f"{size}-BV{config['BLOCK_V']}-M{num_models}-S{s_pad}-w{config['num_warps']}-{name}",
-                        fn=_fused_lse_kernel,
-                        signature=signature,
-                        constexprs={"M": num_models, "S_PAD": s_pad, "BLOCK_V": config["BLOCK_V"]},
-                        num_warps=config["num_warps"],
-                        num_stages=config["num_stages"],
-                    )
-                )
-        for size, config in CONFIGS["log_probs"].items():
+    for num_rows, vocab_size in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            size = "small" if vocab_size <= CONFIGS["stats"]["small"]["BLOCK_V"] else "large"
+            label = f"{size}-V{vocab_size}"
+            logits = [torch.empty(num_rows, vocab_size, dtype=dtype, device="meta") for _ in range(MAX_MODELS)]
+            rows = torch.empty(MAX_MODELS, num_rows, device="meta")  # [M, N] fp32
+            targets = torch.empty(num_rows, dtype=torch.int64, device="meta")
+            stats = torch.empty(5, MAX_MODELS, num_rows, device="meta")[:, 0]
+            _, args, config = _stats_launch(logits[0], targets, stats, 1.0)
+            warps, stages = config["num_warps"], config["num_stages"]
+            name = f"{label}-BV{config['BLOCK_V']}-w{warps}-{TL_NAME[dtype]}"
+            specs.append(launch_spec(_model_stats_kernel, args, config=name, num_warps=warps, num_stages=stages))
+            # The register-heaviest pass 2 is the most models with all four log-linear strategies.
+            for num_models, num_strategies in ((2, 1), (2, 4), (MAX_MODELS, 4)):
+                coef = torch.empty(num_strategies, num_models, num_rows, device="meta")
+                out = torch.empty(num_strategies, num_rows, device="meta")
+                _, args, config = _fused_lse_launch(logits[:num_models], rows[:num_models], coef, out)
+                warps, stages = config["num_warps"], config["num_stages"]
+                name = f"{label}-BV{config['BLOCK_V']}-M{num_models}-S{args['S_PAD']}-w{warps}-{TL_NAME[dtype]}"
+                specs.append(launch_spec(_fused_lse_kernel, args, config=name, num_warps=warps, num_stages=stages))
             for num_models, mixture in ((2, False), (2, True), (MAX_MODELS, False), (MAX_MODELS, True)):
-                signature = {f"p{i}": f"*{name}" for i in range(MAX_MODELS)}
-                signature |= {f"r{i}": "i64" for i in range(MAX_MODELS)}
-                signature |= {"max_ptr": "*fp32", "coef_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32"}
-                signature |= {"out_stride": "i64"}
-                signature |= {"num_rows": "i32", "vocab_size": "i32"}
-                signature |= {"M": "constexpr", "MIXTURE": "constexpr", "BLOCK_V": "constexpr"}
-                pool = "mix" if mixture else "lin"
-                specs.append(
-                    KernelSpec(
-                        kernel="_fused_log_probs_kernel",
-                        config=f"{size}-BV{config['BLOCK_V']}-M{num_models}-{pool}-w{config['num_warps']}-{name}",
-                        fn=_fused_log_probs_kernel,
-                        signature=signature,
-                        constexprs={"M": num_models, "MIXTURE": mixture, "BLOCK_V": config["BLOCK_V"]},
-                        num_warps=config["num_warps"],
-                        num_stages=config["num_stages"],
-                    )
+                out = torch.empty(num_rows, vocab_size, device="meta")
+                model_rows = rows[:num_models]
+                _, args, config = _log_probs_launch(
+                    logits[:num_models], model_rows, model_rows, model_rows, out, mixture
                 )
+                warps, stages = config["num_warps"], config["num_stages"]
+                pool = "mix" if mixture else "lin"
+                name = f"{label}-BV{config['BLOCK_V']}-M{num_models}-{pool}-w{warps}-{TL_NAME[dtype]}"
+                kernel = _fused_log_probs_kernel
+                specs.append(launch_spec(kernel, args, config=name, num_warps=warps, num_stages=stages))
     return specs

@@ -71,6 +71,9 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     # dH = dY[order] W2_e^T (N = F, K = D) with the SwiGLU derivative in the epilogue.
     "swiglu_grad": {
         "bf16": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        # fp16 stores fp32 dG/dU (``grad_dtype``): at 128x64 its epilogue took 253-255 registers under
+        # Triton 3.9 and spilled 24-32 B under 3.6 (the GPU image's); 64x64: 124-128, 0 spills, both.
+        "fp16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
         "fp32": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
     },
     # dX_pair[order] = dG W1_e^T + dU W3_e^T (N = D, K = F, two products into one accumulator).

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
 from moc_kernels.triton.utils import TL_NAME, on_device
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
@@ -77,6 +77,15 @@ def _target_and_set_kernel(
     tl.store(log_p_set_ptr + row, tl.log(sum_exp_set) - log_sum_exp)
 
 
+def _launch(logits, targets, members, log_p_target, log_p_set, temperature: float):
+    """(grid, every argument by name, config) of the kernel's launch on logits [N, V] (unit column
+    stride), targets [N] int64, members [V] int8 and the two [N] fp32 outputs."""
+    num_rows, vocab_size = logits.shape
+    config = _config(vocab_size)
+    values = [logits, logits.stride(0), targets, members, log_p_target, log_p_set, vocab_size, 1.0 / temperature]
+    return (num_rows,), dict(zip(_target_and_set_kernel.arg_names, values), BLOCK_V=config["BLOCK_V"]), config
+
+
 @torch.library.custom_op("moc_kernels::target_and_set_log_probs", mutates_args=())
 def target_and_set_log_probs_op(
     logits: torch.Tensor, targets: torch.Tensor, in_set: torch.Tensor, temperature: float
@@ -89,21 +98,9 @@ def target_and_set_log_probs_op(
         return log_p_target, log_p_set
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     members = in_set.to(device=logits.device, dtype=torch.int8).contiguous()
-    config = _config(vocab_size)
+    grid, args, config = _launch(logits, targets.contiguous(), members, log_p_target, log_p_set, temperature)
     with on_device(logits):
-        _target_and_set_kernel[(num_rows,)](
-            logits,
-            logits.stride(0),
-            targets.contiguous(),
-            members,
-            log_p_target,
-            log_p_set,
-            vocab_size,
-            1.0 / temperature,
-            BLOCK_V=config["BLOCK_V"],
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _target_and_set_kernel[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return log_p_target, log_p_set
 
 
@@ -122,32 +119,25 @@ def target_and_set_log_probs(
     return target_and_set_log_probs_op(logits, targets, in_set, float(temperature))
 
 
-def compile_specs() -> list[KernelSpec]:
-    """The kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``."""
+# (rows, vocabulary) the report compiles at, as fused_logit_nll's: a Kotara window of 2048 tokens of
+# contiguous logits over a vocabulary within one "small" tile, GPT-2's 50257 (odd: the row stride and V
+# get no divisibility hint) and Qwen2's 151936 (divisible by 16: hinted).
+SHIPPED_SHAPES = ((2048, 1000), (2048, 50257), (2048, 151936))
+
+
+def compile_specs(shapes=SHIPPED_SHAPES) -> list[KernelSpec]:
+    """The kernel x shipped config (bf16 and fp32 logits) for ``python -m moc_kernels.report``, one per
+    (rows, vocabulary) of ``shapes``, specialised as the JIT specialises the launcher's arguments (``_launch``)."""
     specs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        name = TL_NAME[dtype]
-        for size, config in CONFIGS.items():
-            signature = {
-                "logits_ptr": f"*{name}",
-                "row_stride": "i64",
-                "targets_ptr": "*i64",
-                "in_set_ptr": "*i8",
-                "log_p_target_ptr": "*fp32",
-                "log_p_set_ptr": "*fp32",
-                "vocab_size": "i32",
-                "inv_temperature": "fp32",
-                "BLOCK_V": "constexpr",
-            }
-            specs.append(
-                KernelSpec(
-                    kernel="_target_and_set_kernel",
-                    config=f"{size}-BV{config['BLOCK_V']}-w{config['num_warps']}-{name}",
-                    fn=_target_and_set_kernel,
-                    signature=signature,
-                    constexprs={"BLOCK_V": config["BLOCK_V"]},
-                    num_warps=config["num_warps"],
-                    num_stages=config["num_stages"],
-                )
-            )
+    for num_rows, vocab_size in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = torch.empty(num_rows, vocab_size, dtype=dtype, device="meta")
+            targets = torch.empty(num_rows, dtype=torch.int64, device="meta")
+            members = torch.empty(vocab_size, dtype=torch.int8, device="meta")
+            out = torch.empty(num_rows, device="meta")
+            _, args, config = _launch(logits, targets, members, out, out, 1.0)
+            size = "small" if config is CONFIGS["small"] else "large"
+            warps, stages = config["num_warps"], config["num_stages"]
+            label = f"{size}-V{vocab_size}-BV{config['BLOCK_V']}-w{warps}-{TL_NAME[dtype]}"
+            specs.append(launch_spec(_target_and_set_kernel, args, config=label, num_warps=warps, num_stages=stages))
     return specs

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moc_kernels import backend
-from moc_kernels.triton.compile_spec import KernelSpec
+from moc_kernels.triton.compile_spec import KernelSpec, launch_spec
 
 # The interpreter-safe product and rounding helpers (see there); shared with small_attention.
 from moc_kernels.triton.small_attention import _cast, _dot
@@ -37,8 +37,6 @@ CONFIGS: dict[str, dict[str, int]] = {
     "fwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
     "bwd": {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 4, "num_stages": 1},
 }
-
-_UNIT_STRIDES = ("stride_yd", "stride_gd", "stride_od", "stride_ik")
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -135,6 +133,30 @@ def _block_d(dim: int, config: dict[str, int]) -> int:
     return min(config["BLOCK_D"], triton.next_power_of_2(dim))
 
 
+def _fwd_launch(y, idx, out) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of the forward kernel's launch: y [N, E, D], idx [N, k],
+    out [N, k, D]."""
+    num_tokens, num_experts, dim = y.shape
+    top_k = idx.shape[1]
+    config = CONFIGS["fwd"]
+    block_d = _block_d(dim, config)
+    values = [y, idx, out, num_tokens, num_experts, top_k, dim, *y.stride(), *idx.stride(), *out.stride()]
+    args = dict(zip(_topk_gather_fwd.arg_names, values), BLOCK_R=config["BLOCK_R"], BLOCK_D=block_d)
+    return (triton.cdiv(num_tokens * top_k, config["BLOCK_R"]), triton.cdiv(dim, block_d)), args, config
+
+
+def _bwd_launch(d_out, idx, dy) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of the backward kernel's launch: d_out [N, k, D], idx [N, k],
+    dy [N, E, D]."""
+    num_tokens, top_k, dim = d_out.shape
+    num_experts = dy.shape[1]
+    config = CONFIGS["bwd"]
+    block_d = _block_d(dim, config)
+    values = [d_out, idx, dy, num_tokens, num_experts, top_k, dim, *d_out.stride(), *idx.stride(), *dy.stride()]
+    args = dict(zip(_topk_gather_bwd.arg_names, values), BLOCK_R=config["BLOCK_R"], BLOCK_D=block_d)
+    return (triton.cdiv(num_tokens * num_experts, config["BLOCK_R"]), triton.cdiv(dim, block_d)), args, config
+
+
 @torch.library.custom_op("moc_kernels::topk_gather_fwd", mutates_args=())
 def topk_gather_fwd(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """y [N, E, D] (any strides), idx [N, k] int64 -> S [N, k, D] contiguous, y's dtype."""
@@ -143,26 +165,9 @@ def topk_gather_fwd(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     out = _empty((num_tokens, top_k, dim), y.dtype, y.device)
     if out.numel() == 0:
         return out
-    config = CONFIGS["fwd"]
-    block_d = _block_d(dim, config)
-    grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_R"]), triton.cdiv(dim, block_d))
+    grid, args, config = _fwd_launch(y, idx, out)
     with on_device(y):
-        _topk_gather_fwd[grid](
-            y,
-            idx,
-            out,
-            num_tokens,
-            num_experts,
-            top_k,
-            dim,
-            *y.stride(),
-            *idx.stride(),
-            *out.stride(),
-            BLOCK_R=config["BLOCK_R"],
-            BLOCK_D=block_d,
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _topk_gather_fwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
 
@@ -178,26 +183,9 @@ def topk_gather_bwd(d_out: torch.Tensor, idx: torch.Tensor, num_experts: int) ->
     dy = _empty((num_tokens, num_experts, dim), d_out.dtype, d_out.device)
     if dy.numel() == 0:
         return dy
-    config = CONFIGS["bwd"]
-    block_d = _block_d(dim, config)
-    grid = (triton.cdiv(num_tokens * num_experts, config["BLOCK_R"]), triton.cdiv(dim, block_d))
+    grid, args, config = _bwd_launch(d_out, idx, dy)
     with on_device(d_out):
-        _topk_gather_bwd[grid](
-            d_out,
-            idx,
-            dy,
-            num_tokens,
-            num_experts,
-            top_k,
-            dim,
-            *d_out.stride(),
-            *idx.stride(),
-            *dy.stride(),
-            BLOCK_R=config["BLOCK_R"],
-            BLOCK_D=block_d,
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+        _topk_gather_bwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return dy
 
 
@@ -228,72 +216,6 @@ def topk_gather(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     dY [N, E, D] (the sum of the rows of dS at each index, zeros elsewhere) without atomics.
     """
     return topk_gather_fwd(y, idx)
-
-
-def compile_specs() -> list[KernelSpec]:
-    """One KernelSpec per kernel x dtype (bf16, fp32), from CONFIGS."""
-    specs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for direction, kernel in (("fwd", _topk_gather_fwd), ("bwd", _topk_gather_bwd)):
-            config = CONFIGS[direction]
-            constexprs = {"BLOCK_R": config["BLOCK_R"], "BLOCK_D": config["BLOCK_D"]}
-            # Unit innermost strides as the launches of contiguous tensors see them (Triton specializes
-            # integer arguments equal to 1 into constants, which makes the feature loads vector loads).
-            constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name == "idx_ptr":
-                    signature[name] = "*i64"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*" + TL_NAME[dtype]
-                else:
-                    signature[name] = "i32"
-            warps = config["num_warps"]
-            specs.append(
-                KernelSpec(
-                    kernel=kernel.__name__,
-                    config=f"BR{config['BLOCK_R']}-BD{config['BLOCK_D']}-w{warps}-{TL_NAME[dtype]}",
-                    fn=kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=warps,
-                    num_stages=config["num_stages"],
-                )
-            )
-    for kind, kernel in (("fwd", _gather_matmul_fwd), ("dw", _gather_matmul_dw), ("dy", _gather_matmul_dy)):
-        for dtype in (torch.bfloat16, torch.float32):
-            config, precision = _gemm_params(kind, dtype)
-            constexprs = {name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-            constexprs.update(PRECISION=precision, INTERPRET=False)
-            # Contiguous y, idx, w, d_out: their innermost strides are 1 at launch (specialized).
-            unit = ("stride_yd", "stride_ik", "stride_wf", "stride_of", "stride_gf")
-            constexprs.update({name: 1 for name in unit if name in kernel.arg_names})
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name == "idx_ptr":
-                    signature[name] = "*i64"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*" + TL_NAME[dtype]
-                else:
-                    signature[name] = "i32"
-            label = "-".join(f"{name[6:]}{config[name]}" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            specs.append(
-                KernelSpec(
-                    kernel=kernel.__name__,
-                    config=f"{label}-w{config['num_warps']}-s{config['num_stages']}-{TL_NAME[dtype]}",
-                    fn=kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=config["num_warps"],
-                    num_stages=config["num_stages"],
-                    matmul=dtype != torch.float32,
-                )
-            )
-    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,40 +412,45 @@ def _gemm_params(kind: str, dtype: torch.dtype) -> tuple[dict[str, int], str]:
     return GEMM_CONFIGS[kind][key], "ieee" if key == "fp32" else "tf32"
 
 
+def _gemm_launch(kind: str, y, idx, w, d_out=None, out=None) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of one gather_matmul GEMM's launch (``kind``: fwd, dy or dw)
+    on y [N, E, D], idx [N, k], w [D, F]; ``out`` is what it writes (fwd: [N, k, F], dy: [N, E, D],
+    dw: [D, F]) and ``d_out`` the [N k, F] gradient the backward GEMMs read."""
+    num_tokens, num_experts, dim = y.shape
+    top_k, features = idx.shape[1], w.shape[1]
+    config, precision = _gemm_params(kind, y.dtype)
+    sizes = [num_tokens, num_experts, top_k, dim, features]
+    if kind == "fwd":
+        kernel, rows, cols = _gather_matmul_fwd, num_tokens * top_k, features
+        values = [y, idx, w, out, *sizes, *y.stride(), *idx.stride(), *w.stride(), out.stride(1), out.stride(2)]
+    elif kind == "dy":
+        kernel, rows, cols = _gather_matmul_dy, num_tokens * top_k, dim
+        values = [d_out, idx, w, out, *sizes, *d_out.stride(), *idx.stride(), *w.stride(), *out.stride()]
+    else:
+        kernel, rows, cols = _gather_matmul_dw, dim, features
+        values = [y, idx, d_out, out, *sizes, *y.stride(), *idx.stride(), *d_out.stride(), *out.stride()]
+    args = dict(zip(kernel.arg_names, values), PRECISION=precision, INTERPRET=backend.interpreting())
+    args.update({name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+    return (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(cols, config["BLOCK_N"])), args, config
+
+
+_GEMM_KERNELS = {"fwd": _gather_matmul_fwd, "dy": _gather_matmul_dy, "dw": _gather_matmul_dw}
+
+
+def _launch_gemm(kind: str, y, idx, w, d_out=None, out=None) -> None:
+    grid, args, config = _gemm_launch(kind, y, idx, w, d_out, out)
+    with on_device(y):
+        _GEMM_KERNELS[kind][grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
 @torch.library.custom_op("moc_kernels::gather_matmul_fwd", mutates_args=())
 def gather_matmul_fwd(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y [N, E, D], idx [N, k], w [D, F] (any strides) -> [N, k, F] contiguous in y's dtype."""
-    num_tokens, num_experts, dim = y.shape
-    top_k, features = idx.shape[1], w.shape[1]
+    num_tokens, top_k, features = y.shape[0], idx.shape[1], w.shape[1]
     out = _empty((num_tokens, top_k, features), y.dtype, y.device)
     if out.numel() == 0:
         return out
-    config, precision = _gemm_params("fwd", y.dtype)
-    grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
-    with on_device(y):
-        _gather_matmul_fwd[grid](
-            y,
-            idx,
-            w,
-            out,
-            num_tokens,
-            num_experts,
-            top_k,
-            dim,
-            features,
-            *y.stride(),
-            *idx.stride(),
-            *w.stride(),
-            out.stride(1),
-            out.stride(2),
-            BLOCK_M=config["BLOCK_M"],
-            BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"],
-            PRECISION=precision,
-            INTERPRET=backend.interpreting(),
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-        )
+    _launch_gemm("fwd", y, idx, w, out=out)
     return out
 
 
@@ -545,57 +472,8 @@ def gather_matmul_bwd(
     d_out = d_out.to(y.dtype).reshape(num_tokens * top_k, features)  # a view when d_out is contiguous
     if d_out.numel() == 0:
         return dy, dw.zero_()
-    common = dict(INTERPRET=backend.interpreting())
-    config, precision = _gemm_params("dy", y.dtype)
-    grid = (triton.cdiv(num_tokens * top_k, config["BLOCK_M"]), triton.cdiv(dim, config["BLOCK_N"]))
-    with on_device(y):
-        _gather_matmul_dy[grid](
-            d_out,
-            idx,
-            w,
-            dy,
-            num_tokens,
-            num_experts,
-            top_k,
-            dim,
-            features,
-            *d_out.stride(),
-            *idx.stride(),
-            *w.stride(),
-            *dy.stride(),
-            BLOCK_M=config["BLOCK_M"],
-            BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"],
-            PRECISION=precision,
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-            **common,
-        )
-    config, precision = _gemm_params("dw", y.dtype)
-    grid = (triton.cdiv(dim, config["BLOCK_M"]), triton.cdiv(features, config["BLOCK_N"]))
-    with on_device(y):
-        _gather_matmul_dw[grid](
-            y,
-            idx,
-            d_out,
-            dw,
-            num_tokens,
-            num_experts,
-            top_k,
-            dim,
-            features,
-            *y.stride(),
-            *idx.stride(),
-            *d_out.stride(),
-            *dw.stride(),
-            BLOCK_M=config["BLOCK_M"],
-            BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"],
-            PRECISION=precision,
-            num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
-            **common,
-        )
+    _launch_gemm("dy", y, idx, w, d_out=d_out, out=dy)
+    _launch_gemm("dw", y, idx, w, d_out=d_out, out=dw)
     return dy, dw
 
 
@@ -635,3 +513,37 @@ def gather_matmul(y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.
         distinct = (idx.sort(dim=1).values.diff(dim=1) != 0).all()
         torch._assert_async(distinct, "gather_matmul: idx repeats an expert within a row; indices must be distinct")
     return gather_matmul_fwd(y, idx, w)
+
+
+# The shape the report compiles at: GPT-2 small's MoE/MoC layer (16384 tokens of 768 features, E = 8
+# experts, k = 2 of them per token, expert hidden size F = 2048), contiguous tensors.
+SHIPPED_SHAPE = {"N": 16384, "E": 8, "k": 2, "D": 768, "F": 2048}
+
+
+def compile_specs(shape: dict[str, int] = SHIPPED_SHAPE) -> list[KernelSpec]:
+    """One KernelSpec per kernel x dtype (bf16, fp32), specialised as the JIT specialises the launchers'
+    own arguments (``_fwd_launch``, ``_bwd_launch``, ``_gemm_launch``) at ``shape`` (N, E, k, D, F)."""
+    n, e, k, d, f = (shape[key] for key in ("N", "E", "k", "D", "F"))
+    idx = torch.empty(n, k, dtype=torch.int64, device="meta")
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        y, dy, gathered = (torch.empty(size, dtype=dtype, device="meta") for size in ((n, e, d), (n, e, d), (n, k, d)))
+        for kernel, (_, args, config) in (
+            (_topk_gather_fwd, _fwd_launch(y, idx, gathered)),
+            (_topk_gather_bwd, _bwd_launch(gathered, idx, dy)),
+        ):
+            warps = config["num_warps"]
+            label = f"BR{config['BLOCK_R']}-BD{args['BLOCK_D']}-w{warps}-{TL_NAME[dtype]}"
+            specs.append(launch_spec(kernel, args, config=label, num_warps=warps, num_stages=config["num_stages"]))
+    for kind, kernel in _GEMM_KERNELS.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            sizes = {"y": (n, e, d), "w": (d, f), "d_out": (n * k, f), "fwd": (n, k, f), "dy": (n, e, d), "dw": (d, f)}
+            meta = {name: torch.empty(size, dtype=dtype, device="meta") for name, size in sizes.items()}
+            _, args, config = _gemm_launch(kind, meta["y"], idx, meta["w"], meta["d_out"], out=meta[kind])
+            args["INTERPRET"] = False  # the report compiles for GPUs, never the interpreter
+            warps, stages = config["num_warps"], config["num_stages"]
+            tile = "-".join(f"{name[6:]}{config[name]}" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            label = f"{tile}-w{warps}-s{stages}-{TL_NAME[dtype]}"
+            matmul = dtype != torch.float32  # fp32 runs IEEE products on the FMA pipes
+            specs.append(launch_spec(kernel, args, config=label, num_warps=warps, num_stages=stages, matmul=matmul))
+    return specs
