@@ -154,14 +154,14 @@ FRESH_EPILOGUE = textwrap.dedent(
 
 FRESH_SCRIPT = textwrap.dedent(
     """
-    model = AutoModelForCausalLM.from_pretrained(inputs["dir"], trust_remote_code=True).eval()
-    ids = inputs["ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
-    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    cached = model.generate(ids[:, :4], use_cache=True, **kw)
-    uncached = model.generate(ids[:, :4], use_cache=False, **kw)
-    results.update(logits=logits, cached=cached, uncached=uncached, module=type(model).__module__)
+    for name, (directory, ids) in inputs.items():
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(ids).logits
+        kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        cached = model.generate(ids[:, :4], use_cache=True, **kw)
+        uncached = model.generate(ids[:, :4], use_cache=False, **kw)
+        results[name] = dict(logits=logits, cached=cached, uncached=uncached, module=type(model).__module__)
     """
 )
 
@@ -190,6 +190,13 @@ def run_script_in_fresh_process(script: str, inputs: dict, tmp_path) -> dict:
 def run_in_fresh_process(hf_dir, ids: torch.Tensor, tmp_path) -> dict:
     """FRESH_SCRIPT on ``hf_dir`` and ``ids`` in a fresh process: the logits of ``ids`` and 6 greedy tokens
     after ``ids[:, :4]`` with and without the cache, checked to come from the export's own code."""
-    res = run_script_in_fresh_process(FRESH_SCRIPT, {"dir": str(hf_dir), "ids": ids}, tmp_path)
-    assert "transformers_modules" in res["module"]
-    return res
+    return run_many_in_fresh_process({"model": (hf_dir, ids)}, tmp_path)["model"]
+
+
+def run_many_in_fresh_process(cases: dict[str, tuple], tmp_path) -> dict[str, dict]:
+    """:func:`run_in_fresh_process` for several exports (name -> (hf_dir, ids); each directory's name
+    distinct, as it names the export's code module) in one process start."""
+    res = run_script_in_fresh_process(FRESH_SCRIPT, {k: (str(d), ids) for k, (d, ids) in cases.items()}, tmp_path)
+    for name in cases:
+        assert "transformers_modules" in res[name]["module"], name
+    return {name: res[name] for name in cases}

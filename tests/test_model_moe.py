@@ -281,17 +281,32 @@ def test_model_info_counts_active_parameters_and_sparse_flops(tmp_path, capsys):
 # Hugging Face export: both loading routes, generation with and without the cache
 
 
+@pytest.fixture(scope="module")
+def hf_exports(tmp_path_factory) -> dict[str, tuple]:
+    """variant -> (model, its export, prompt ids, what a process that cannot import this project computed
+    from the export with trust_remote_code): one such process start for every variant."""
+    from test_model_hf import make_tokenizer, run_many_in_fresh_process
+
+    tmp = tmp_path_factory.mktemp("hf_exports")
+    models, cases = {}, {}
+    for variant in VARIANTS:
+        torch.manual_seed(4)
+        lm = LunarisLM(tiny(**VARIANTS[variant], max_seq_len=64)).eval()
+        out = export_hf(lm, tmp / f"hf_{variant}", tokenizer=make_tokenizer())
+        ids = torch.randint(3, VOCAB, (2, 10))  # no pad id (0) in the prompt: generate would mask it
+        models[variant], cases[variant] = lm, (out, ids)
+    fresh = run_many_in_fresh_process(cases, tmp)
+    return {variant: (models[variant], *cases[variant], fresh[variant]) for variant in VARIANTS}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_hf_export_both_routes_and_cached_generation(variant, tmp_path):
-    from test_model_hf import greedy, make_tokenizer, run_in_fresh_process
+def test_hf_export_both_routes_and_cached_generation(variant, hf_exports):
+    from test_model_hf import greedy
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(4)
-    lm = LunarisLM(tiny(**VARIANTS[variant], max_seq_len=64)).eval()
-    out = export_hf(lm, tmp_path / "hf", tokenizer=make_tokenizer())
+    lm, out, ids, res = hf_exports[variant]
     assert json.loads((out / "config.json").read_text())["ffn"] == lm.config.ffn
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.randint(3, VOCAB, (2, 10))  # no pad id (0) in the prompt: generate would mask it
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, lm(ids).logits)
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -299,7 +314,6 @@ def test_hf_export_both_routes_and_cached_generation(variant, tmp_path):
     assert torch.equal(cached, hf.generate(ids[:, :4], use_cache=False, **kwargs))
     assert torch.equal(cached, greedy(lm, ids[:, :4], 6))
     # trust_remote_code in a process that cannot import this project: the exported file carries the layer.
-    res = run_in_fresh_process(out, ids, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(res["logits"], lm(ids).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(res["cached"], res["uncached"]) and torch.equal(res["cached"], cached)
