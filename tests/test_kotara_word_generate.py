@@ -86,6 +86,25 @@ def test_sampled_texts_follow_the_fused_distribution(strategy):
         assert max(abs(wrong[x] - p) for x, p in exact.items()) > 2 * bound
 
 
+def test_drawing_a_word_leaves_the_models_rows_as_they_were():
+    # A WordLM may hand out the same tensor again (one that caches what it returns): drawing a word at a
+    # boundary masks EOS and the non-boundary tokens in its own copy, never in the model's rows.
+    class SameTensorLM(ToyWordLM):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.rows = {}
+
+        def log_probs_along(self, context, new):
+            key = (tuple(context), tuple(new))
+            return self.rows.setdefault(key, super().log_probs_along(context, new))
+
+    lm = SameTensorLM("a", canonical_lm(SPACES_ALONE, 3), SPACES_ALONE)
+    context = lm.tokens("a")
+    before = lm.log_probs_along(context, []).clone()
+    word_generate.draw_word(lm, context, False, True, None, 10)
+    assert torch.equal(lm.log_probs_along(context, []), before) and torch.isfinite(before[0, -1])
+
+
 def test_words_end_before_a_space_that_starts_a_boundary_only():
     # SPACES_ALONE writes "a  b" as "a", " ", " ", "b": the second space follows a space, so it is
     # inside the word " " + " b"; a sampler that ended words at every word-start token would split it.
