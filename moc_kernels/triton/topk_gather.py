@@ -133,28 +133,18 @@ def _block_d(dim: int, config: dict[str, int]) -> int:
     return min(config["BLOCK_D"], triton.next_power_of_2(dim))
 
 
-def _fwd_launch(y, idx, out) -> tuple[tuple[int, int], dict, dict[str, int]]:
-    """(grid, every argument by name, config) of the forward kernel's launch: y [N, E, D], idx [N, k],
-    out [N, k, D]."""
-    num_tokens, num_experts, dim = y.shape
-    top_k = idx.shape[1]
-    config = CONFIGS["fwd"]
+def _copy_launch(direction: str, src, idx, dst) -> tuple[tuple[int, int], dict, dict[str, int]]:
+    """(grid, every argument by name, config) of the gather kernel's launch in ``direction``: "fwd" reads
+    y [N, E, D] into S [N, k, D], "bwd" reads dS [N, k, D] into dY [N, E, D]; idx [N, k]. One program per
+    tile of BLOCK_R rows of ``dst`` x BLOCK_D features."""
+    kernel = _topk_gather_fwd if direction == "fwd" else _topk_gather_bwd
+    num_tokens, top_k = idx.shape
+    num_experts, dim = (src if direction == "fwd" else dst).shape[1], src.shape[2]
+    config = CONFIGS[direction]
     block_d = _block_d(dim, config)
-    values = [y, idx, out, num_tokens, num_experts, top_k, dim, *y.stride(), *idx.stride(), *out.stride()]
-    args = dict(zip(_topk_gather_fwd.arg_names, values), BLOCK_R=config["BLOCK_R"], BLOCK_D=block_d)
-    return (triton.cdiv(num_tokens * top_k, config["BLOCK_R"]), triton.cdiv(dim, block_d)), args, config
-
-
-def _bwd_launch(d_out, idx, dy) -> tuple[tuple[int, int], dict, dict[str, int]]:
-    """(grid, every argument by name, config) of the backward kernel's launch: d_out [N, k, D], idx [N, k],
-    dy [N, E, D]."""
-    num_tokens, top_k, dim = d_out.shape
-    num_experts = dy.shape[1]
-    config = CONFIGS["bwd"]
-    block_d = _block_d(dim, config)
-    values = [d_out, idx, dy, num_tokens, num_experts, top_k, dim, *d_out.stride(), *idx.stride(), *dy.stride()]
-    args = dict(zip(_topk_gather_bwd.arg_names, values), BLOCK_R=config["BLOCK_R"], BLOCK_D=block_d)
-    return (triton.cdiv(num_tokens * num_experts, config["BLOCK_R"]), triton.cdiv(dim, block_d)), args, config
+    values = [src, idx, dst, num_tokens, num_experts, top_k, dim, *src.stride(), *idx.stride(), *dst.stride()]
+    args = dict(zip(kernel.arg_names, values), BLOCK_R=config["BLOCK_R"], BLOCK_D=block_d)
+    return (triton.cdiv(dst.shape[0] * dst.shape[1], config["BLOCK_R"]), triton.cdiv(dim, block_d)), args, config
 
 
 @torch.library.custom_op("moc_kernels::topk_gather_fwd", mutates_args=())
@@ -165,7 +155,7 @@ def topk_gather_fwd(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     out = _empty((num_tokens, top_k, dim), y.dtype, y.device)
     if out.numel() == 0:
         return out
-    grid, args, config = _fwd_launch(y, idx, out)
+    grid, args, config = _copy_launch("fwd", y, idx, out)
     with on_device(y):
         _topk_gather_fwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
@@ -183,7 +173,7 @@ def topk_gather_bwd(d_out: torch.Tensor, idx: torch.Tensor, num_experts: int) ->
     dy = _empty((num_tokens, num_experts, dim), d_out.dtype, d_out.device)
     if dy.numel() == 0:
         return dy
-    grid, args, config = _bwd_launch(d_out, idx, dy)
+    grid, args, config = _copy_launch("bwd", d_out, idx, dy)
     with on_device(d_out):
         _topk_gather_bwd[grid](**args, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return dy
@@ -522,15 +512,15 @@ SHIPPED_SHAPE = {"N": 16384, "E": 8, "k": 2, "D": 768, "F": 2048}
 
 def compile_specs(shape: dict[str, int] = SHIPPED_SHAPE) -> list[KernelSpec]:
     """One KernelSpec per kernel x dtype (bf16, fp32), specialised as the JIT specialises the launchers'
-    own arguments (``_fwd_launch``, ``_bwd_launch``, ``_gemm_launch``) at ``shape`` (N, E, k, D, F)."""
+    own arguments (``_copy_launch``, ``_gemm_launch``) at ``shape`` (N, E, k, D, F)."""
     n, e, k, d, f = (shape[key] for key in ("N", "E", "k", "D", "F"))
     idx = torch.empty(n, k, dtype=torch.int64, device="meta")
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         y, dy, gathered = (torch.empty(size, dtype=dtype, device="meta") for size in ((n, e, d), (n, e, d), (n, k, d)))
         for kernel, (_, args, config) in (
-            (_topk_gather_fwd, _fwd_launch(y, idx, gathered)),
-            (_topk_gather_bwd, _bwd_launch(gathered, idx, dy)),
+            (_topk_gather_fwd, _copy_launch("fwd", y, idx, gathered)),
+            (_topk_gather_bwd, _copy_launch("bwd", gathered, idx, dy)),
         ):
             warps = config["num_warps"]
             label = f"BR{config['BLOCK_R']}-BD{args['BLOCK_D']}-w{warps}-{TL_NAME[dtype]}"
