@@ -23,6 +23,7 @@ passed twice (A+A) runs once per step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import weakref
@@ -207,7 +208,7 @@ class PaddedRunner:
             self.kwargs["position_ids"] = _positions(mask)
         if self.model.takes_logits_to_keep:
             self.kwargs["logits_to_keep"] = 1
-        if not _TAKES_NEXT_LENGTH:  # transformers 4: generate slices the new tokens by cache_position
+        if not _generation_params()[0]:  # transformers 4: generate slices the new tokens by cache_position
             self.kwargs["cache_position"] = torch.arange(input_ids.shape[1], device=device)
         self.active: torch.Tensor | None = None  # rows of the batch still generating (None: all)
         if compacts is None:
@@ -244,9 +245,10 @@ class PaddedRunner:
     def _forward(self, first: bool) -> torch.Tensor:
         module = self.module
         kwargs = dict(self.kwargs)
-        if _TAKES_NEXT_LENGTH:
+        takes_next_length, params = _generation_params()
+        if takes_next_length:
             kwargs["next_sequence_length"] = None if first else 1
-        if "is_first_iteration" in _PREPARE_PARAMS or _TAKES_NEXT_LENGTH:
+        if "is_first_iteration" in params or takes_next_length:
             kwargs["is_first_iteration"] = first
         inputs = module.prepare_inputs_for_generation(self.ids, **kwargs)
         out = module(**inputs, return_dict=True)
@@ -261,16 +263,17 @@ class GroupedRunner(PaddedRunner):
     (``generate_batch`` splits it; every model then runs group by group)."""
 
 
-def _generation_params() -> tuple[bool, set[str]]:
+@functools.cache
+def _generation_params() -> tuple[bool, frozenset[str]]:
+    """(whether ``prepare_inputs_for_generation`` takes ``next_sequence_length`` (transformers 5), its
+    parameters); read on first use: importing transformers' generation code costs seconds that
+    ``import kotara`` (the CLI's error paths, the word path's toy models) does not need."""
     try:
         from transformers import GenerationMixin
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return False, set()
-    params = set(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+        return False, frozenset()
+    params = frozenset(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
     return "next_sequence_length" in params, params
-
-
-_TAKES_NEXT_LENGTH, _PREPARE_PARAMS = _generation_params()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """``import model`` costs no transformers import, and still registers ``lunaris_moc`` with the Auto classes
-before any of them can read a config, whichever is imported first (issue 32: the suite's speed)."""
+before any of them can read a config, whichever is imported first; ``import kotara`` and its command line
+cost none either (issue 32: the suite's speed, and every ``kotara`` command's start)."""
 
 import os
 import subprocess
@@ -32,3 +33,15 @@ def test_import_model_is_lazy_and_registers(first):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "registered", proc.stderr[-3000:]
+
+
+def test_import_kotara_and_its_cli_is_lazy():
+    """transformers (~5 s here) comes with the first model a command loads, not with ``import kotara``:
+    a usage error, ``--help`` and the per-word path's own code start without it."""
+    code = (
+        "import sys\nimport kotara, kotara.cli, kotara.word_generate, kotara.word_score\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'lm_eval')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout[-2000:] + proc.stderr[-3000:]
