@@ -392,29 +392,41 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
 # The MoE under both wrappings; each ablation under one (DDP: the unused-parameter case a dropped
 # module would hit; FSDP2: the sharding of the layer's remaining parameters), to keep the suite short.
 GLOO_CASES = [("moe", "ddp"), ("moe", "fsdp"), ("no_context", "fsdp"), ("no_collab", "ddp")]
-# Issue 28: each wrapping runs one sparse-MoC variant (slow: ~20-30 s each on an idle 2-core VM, 2 processes)
+# Issue 28: each wrapping runs one sparse-MoC variant.
 GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp")]
+MODEL_NO_AUX = {"aux_loss_weight": 0.0}  # the aux loss is per-rank by design: off where ranks must equal one process
 
 
-@pytest.mark.parametrize(
-    ("variant", "mode"),
-    [pytest.param(v, m, marks=[pytest.mark.slow] if v in ("sparse", "preview") else []) for v, m in GLOO_CASES],
-    ids=[f"{v}-{m}" for v, m in GLOO_CASES],
-)
-def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, variant, mode):
-    """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
-    model = {"aux_loss_weight": 0.0}
-    train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", variant, model=model)), progress=False)
-    raw = tiny_raw(data_dir, tmp_path / "two", variant, model=model, batch_size=2, distributed=mode)
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+@pytest.fixture(scope="module")
+def gloo_runs(data_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """Every GLOO_CASES run on 2 CPU processes (gloo), batch 2 each, in one ``torchrun`` launch
+    (tests/gloo_train.py: one launch per case spent ~7 s each on process starts and imports).
+    Returns (the launch, the folder holding one out_dir per case, named ``{variant}-{mode}``)."""
+    root = tmp_path_factory.mktemp("gloo")
+    configs = []
+    for variant, mode in GLOO_CASES:
+        out, config = root / f"{variant}-{mode}", root / f"{variant}-{mode}.yaml"
+        config.write_text(
+            yaml.safe_dump(tiny_raw(data_dir, out, variant, model=MODEL_NO_AUX, batch_size=2, distributed=mode))
+        )
+        configs.append(config)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(REPO / "train_moe.py"), str(tmp_path / "two.yaml"), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    cmd += [str(REPO / "tests" / "gloo_train.py"), *map(str, configs)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600), root
+
+
+@pytest.mark.slow  # all of them share one launch (~20 s on an idle 2-core VM)
+@pytest.mark.parametrize(("variant", "mode"), GLOO_CASES, ids=[f"{v}-{m}" for v, m in GLOO_CASES])
+def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, gloo_runs, variant, mode):
+    """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
+    proc, root = gloo_runs
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", variant, model=MODEL_NO_AUX)), progress=False)
+    two, one = _losses(root / f"{variant}-{mode}"), _losses(tmp_path / "one")
     assert len(two) == 6
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-6)
+    assert proc.stdout.count("[train] done") == len(GLOO_CASES)  # only rank 0 speaks, once per run
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
