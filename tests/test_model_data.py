@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from model.corpus import stdlib_documents
+from model.corpus import file_docstrings, stdlib_documents
 from model.data import DataError, TokenData, dtype_for_vocab, main, prepare, prepare_files
 
 WORDS = [
@@ -174,3 +175,59 @@ def test_stdlib_corpus_is_deterministic_docstrings(tmp_path: Path):
     ]
     with pytest.raises(ValueError, match="max_bytes"):
         stdlib_documents(max_bytes=0, root=pkg)
+
+
+def test_docstrings_of_definitions_nested_in_every_kind_of_block_in_source_order(tmp_path: Path):
+    """Definitions sit in bodies of functions, classes, if/else, loops, with, try/except/finally and
+    match cases; a lambda holds none. Each docstring once, in source order."""
+    source = """
+        '''The module's own docstring, first.'''
+        def outer():
+            '''Outer function, line three.'''
+            class Inner:
+                '''A class inside a function.'''
+                async def method(self):
+                    '''An async method of the inner class.'''
+            return lambda: '''a lambda body is an expression, no docstring'''
+        if True:
+            def in_if():
+                '''Defined in an if block.'''
+        else:
+            def in_else():
+                '''Defined in the else block.'''
+        for _ in range(1):
+            def in_loop():
+                '''Defined in a for loop.'''
+        with open(__file__) as handle:
+            @staticmethod
+            def decorated():
+                '''Decorated, defined in a with block.'''
+        try:
+            def in_try():
+                '''Defined in a try block.'''
+        except ValueError:
+            def in_except():
+                '''Defined in an except handler.'''
+        finally:
+            def in_finally():
+                '''Defined in a finally block.'''
+        match 1:
+            case 1:
+                def in_case():
+                    '''Defined in a match case.'''
+        """
+    (tmp_path / "m.py").write_text(textwrap.dedent(source))
+    assert list(file_docstrings(tmp_path / "m.py")) == [
+        "The module's own docstring, first.",
+        "Outer function, line three.",
+        "A class inside a function.",
+        "An async method of the inner class.",
+        "Defined in an if block.",
+        "Defined in the else block.",
+        "Defined in a for loop.",
+        "Decorated, defined in a with block.",
+        "Defined in a try block.",
+        "Defined in an except handler.",
+        "Defined in a finally block.",
+        "Defined in a match case.",
+    ]
