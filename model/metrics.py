@@ -264,6 +264,9 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
+    # Fixed margins that fit the labels at this size: tight_layout drew the figure once more to measure
+    # them, half of a tiny test run's time.
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.12, top=0.92, wspace=0.26)
     ax, ax_aux = fig.subplots(1, 2)
     if train:
         ax.plot(*zip(*train), label="train loss/main")
@@ -277,6 +280,5 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     if aux:
         ax_aux.plot(*zip(*aux), color="tab:green")
     ax_aux.set(xlabel="step", ylabel="aux loss", title="auxiliary loss (balance + diversity)")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
