@@ -44,9 +44,11 @@ SIZES: dict[str, dict[str, Any]] = {
         "run": dict(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=4, eval_batches=1),
         "compare_steps": 3,
     },
+    # smoke (the suite's dry run of the protocol): the plumbing, at the least that still checks something:
+    # 2 steps, both compared with the reference path, the validation loss at step 0 and step 2.
     "smoke": {
         "model": dict(d_model=32, n_layers=1, n_heads=2, max_seq_len=16, n_experts=4, top_k=2, multiple_of=16),
-        "run": dict(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1),
+        "run": dict(batch_size=2, max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=1),
         "compare_steps": 2,
     },
 }
