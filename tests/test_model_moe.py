@@ -22,6 +22,7 @@ import yaml
 from conftest import assert_rel_close
 
 from model import LunarisConfig, LunarisLM, ModelConfig, export_hf
+from model.checkpoint import latest_checkpoint
 from model.cli import main as train_main
 from model.data import prepare
 from model.layers import KVCache
@@ -392,8 +393,9 @@ def test_training_logs_and_resumes_exactly(data_dir, tmp_path, variant):
 # The MoE under both wrappings; each ablation under one (DDP: the unused-parameter case a dropped
 # module would hit; FSDP2: the sharding of the layer's remaining parameters), to keep the suite short.
 GLOO_CASES = [("moe", "ddp"), ("moe", "fsdp"), ("no_context", "fsdp"), ("no_collab", "ddp")]
-# Issue 28: each wrapping runs one sparse-MoC variant.
-GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp")]
+# Issue 28: each wrapping runs one sparse-MoC variant. Plain MoC under FSDP2 joins them (its DDP case is
+# tests/test_model_training.py's `torchrun train_moe.py`, where the trainer makes and leaves the group).
+GLOO_CASES += [("sparse", "fsdp"), ("preview", "ddp"), ("moc", "fsdp")]
 MODEL_NO_AUX = {"aux_loss_weight": 0.0}  # the aux loss is per-rank by design: off where ranks must equal one process
 
 
@@ -419,7 +421,8 @@ def gloo_runs(data_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, 
 @pytest.mark.slow  # all of them share one launch (~20 s on an idle 2-core VM)
 @pytest.mark.parametrize(("variant", "mode"), GLOO_CASES, ids=[f"{v}-{m}" for v, m in GLOO_CASES])
 def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, gloo_runs, variant, mode):
-    """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design)."""
+    """2 CPU processes (gloo), batch 2 each == 1 process with batch 4 (aux loss off: it is per-rank by design);
+    ``distributed: fsdp`` shards every block and the root with FSDP2 (``fully_shard``)."""
     proc, root = gloo_runs
     assert proc.returncode == 0, proc.stderr[-3000:]
     train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", variant, model=MODEL_NO_AUX)), progress=False)
@@ -427,6 +430,10 @@ def test_two_gloo_ranks_match_one_process(data_dir, tmp_path, gloo_runs, variant
     assert len(two) == 6
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-6)
     assert proc.stdout.count("[train] done") == len(GLOO_CASES)  # only rank 0 speaks, once per run
+    # The checkpoint is a full (under FSDP2: gathered) state dict: it loads into a plain, single-process model.
+    state = torch.load(latest_checkpoint(root / f"{variant}-{mode}"), weights_only=False)["model"]
+    assert all(type(t) is torch.Tensor for t in state.values())
+    assert state.keys() == torch.load(latest_checkpoint(tmp_path / "one"), weights_only=False)["model"].keys()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -247,19 +247,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir: Path, tm
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path, mode: str):
-    """torchrun, 2 CPU processes (gloo) with batch 2 each == 1 process with batch 4 (same global batch).
-
-    ``distributed: fsdp`` shards every block and the root with FSDP2 (``fully_shard``); checkpoints
-    hold full (gathered) state dicts.
+def test_two_gloo_ranks_match_one_process(data_dir: Path, tmp_path: Path):
+    """``torchrun train_moe.py``, 2 CPU processes (gloo, DDP) with batch 2 each == 1 process with batch 4
+    (same global batch). The trainer makes the process group and leaves it. FSDP2 (``distributed: fsdp``)
+    and every FFN variant: tests/test_model_moe.py, in one launch.
 
     aux_loss_weight 0: the balance loss is a nonlinear function of per-batch routing statistics, so with
     it on, per-rank aux losses differ (by design, as in every data-parallel MoE) from the global one.
     """
     model = {"aux_loss_weight": 0.0}
     single = train(config_from_dict(tiny_raw(data_dir, tmp_path / "one", model=model)), progress=False)
-    raw = tiny_raw(data_dir, tmp_path / "two", model=model, batch_size=2, distributed=mode)
+    raw = tiny_raw(data_dir, tmp_path / "two", model=model, batch_size=2, distributed="ddp")
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
