@@ -66,7 +66,7 @@ def file_docstrings(path: Path) -> Iterator[str]:
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
         return
     nodes = [tree, *_definitions(tree)]
-    nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # the walk is depth-first from the end: source order
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # the walk's order is not the source's: by line
     for node in nodes:
         doc = ast.get_docstring(node, clean=True)
         if doc and len(doc) >= 20:
