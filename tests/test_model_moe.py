@@ -412,7 +412,10 @@ def gloo_runs(data_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, 
             yaml.safe_dump(tiny_raw(data_dir, out, variant, model=MODEL_NO_AUX, batch_size=2, distributed=mode))
         )
         configs.append(config)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # tests/gloo_train.py runs from tests/: the repository goes first on the ranks' path (the GPU image has
+    # no install of it), before whatever PYTHONPATH the caller had.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(REPO / "tests" / "gloo_train.py"), *map(str, configs)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600), root
