@@ -1,10 +1,14 @@
 """Shared test helpers: the one tolerance table and the relative-error measure (DESIGN §4); how the
-whole suite spreads over the machine's cores."""
+whole suite spreads over the machine's cores, and the two costs it skips (the interpreter's overflow
+sanitizer, lm-eval's environment report collected again for every evaluation)."""
 
+import dataclasses
+import functools
 import os
 
 import pytest
 import torch
+from torch.utils import collect_env
 
 import moc_kernels  # noqa: F401  first: on a machine without CUDA it switches Triton to its interpreter
 from moc_kernels import backend
@@ -55,6 +59,28 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.pop(name, None)
 
 
+def _interpreter_without_overflow_sanitizer() -> None:
+    """Triton's interpreter checks every int32 ``+``, ``-`` and ``*`` of a kernel for overflow (redone in
+    int64 and compared with int32's range), a debug check compiled kernels run only with ``debug=True``:
+    a quarter to a third of the interpreter's time in these tests. Off here: it changes no result (the
+    check sits beside the op), and at the tests' shapes (the largest tensor a kernel gets in the whole
+    suite has 150,771 elements) no offset a kernel computes comes near 2^31, so it could only fire on an
+    offset so wrong that reading through it fails the comparison with the reference anyway. Overflow
+    at real sizes is read from the compiled IR (``tests/test_kernels_report.py``: the fusion's 64-bit
+    offsets). Processes the tests start, and a Triton without the option, keep Triton's default."""
+    if not backend.interpreting() or backend.triton_problem() is not None:
+        return
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(options) and hasattr(options, "sanitize_overflow"):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+_interpreter_without_overflow_sanitizer()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``triton`` skip, with the reason, where the kernels cannot run (no triton, or an
     interpreter that cannot run them on this CPU); on a GPU they always run."""
@@ -79,6 +105,17 @@ def _kernel_tests_on_the_gpu(request):
         yield
     finally:
         torch.set_default_device("cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment_report_once():
+    """lm-eval's ``simple_evaluate`` puts torch's environment report in every results dict, and
+    collecting it runs ``pip list`` and a dozen other commands (~0.6 s of CPU, ~40 times a suite).
+    The environment stays the same while the tests run: each process collects it once."""
+    original = collect_env.get_pretty_env_info
+    collect_env.get_pretty_env_info = functools.cache(original)
+    yield
+    collect_env.get_pretty_env_info = original
 
 
 @pytest.fixture(autouse=True)
