@@ -1,6 +1,7 @@
 """Shared test helpers: the one tolerance table and the relative-error measure (DESIGN §4); how the
-whole suite spreads over the machine's cores, and the two costs it skips (the interpreter's overflow
-sanitizer, lm-eval's environment report collected again for every evaluation)."""
+whole suite spreads over the machine's cores, and the costs it skips (Triton's interpreter: its overflow
+sanitizer, and swapping the language in again at every helper call; lm-eval's environment report
+collected again for every evaluation)."""
 
 import dataclasses
 import functools
@@ -79,6 +80,51 @@ def _interpreter_without_overflow_sanitizer() -> None:
 
 
 _interpreter_without_overflow_sanitizer()
+
+
+def _interpreter_patches_the_language_once_per_launch() -> None:
+    """Triton's interpreter swaps ``triton.language``'s builtins for interpreted ones when a launch
+    starts (``inspect.getmembers`` over its modules, 100s of attributes) and restores them when it
+    ends; it also redoes the swap at every call of a ``@triton.jit`` helper inside the kernel, for
+    every program of the grid, though the launch in progress already swapped the same modules: a third
+    or more of these tests' interpreter time. Here a helper call inside a launch skips the swap when
+    the modules it sees (``triton.language`` / ``triton.language.core``) are among those the launch
+    swapped, so it runs on the very functions it would have installed again; anything else (a call
+    outside a launch, a helper seeing another module) takes Triton's path. Results are unchanged:
+    the same interpreted builtins run, only their reinstallation is skipped."""
+    if not backend.interpreting() or backend.triton_problem() is not None:
+        return
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "GridExecutor", "InterpretedFunction")):
+        return  # another Triton: its own path
+    launch, device_call = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
+    launched: list[set[int]] = []  # for each launch in progress, the modules it swapped (ids)
+
+    def swapped_modules(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def run_launch(self, *args, **kwargs):
+        launched.append(swapped_modules(self.fn))
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launched.pop()
+
+    def call_helper(self, *args, **kwargs):
+        if not (launched and swapped_modules(self.fn) <= launched[-1]):
+            return device_call(self, *args, **kwargs)
+        patch_lang, interpreter._patch_lang = interpreter._patch_lang, lambda fn: None  # the launch's swap is in place
+        try:
+            return device_call(self, *args, **kwargs)
+        finally:
+            interpreter._patch_lang = patch_lang
+
+    interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__ = run_launch, call_helper
+
+
+_interpreter_patches_the_language_once_per_launch()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
