@@ -69,17 +69,12 @@ def _interpreter_without_overflow_sanitizer() -> None:
     offset so wrong that reading through it fails the comparison with the reference anyway. Overflow
     at real sizes is read from the compiled IR (``tests/test_kernels_report.py``: the fusion's 64-bit
     offsets). Processes the tests start, and a Triton without the option, keep Triton's default."""
-    if not backend.interpreting() or backend.triton_problem() is not None:
-        return
     from triton.runtime import interpreter
 
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
     if dataclasses.is_dataclass(options) and hasattr(options, "sanitize_overflow"):
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
-
-
-_interpreter_without_overflow_sanitizer()
 
 
 def _interpreter_patches_the_language_once_per_launch() -> None:
@@ -92,18 +87,16 @@ def _interpreter_patches_the_language_once_per_launch() -> None:
     swapped, so it runs on the very functions it would have installed again; anything else (a call
     outside a launch, a helper seeing another module) takes Triton's path. Results are unchanged:
     the same interpreted builtins run, only their reinstallation is skipped."""
-    if not backend.interpreting() or backend.triton_problem() is not None:
-        return
     from triton import language as tl
     from triton.runtime import interpreter
 
     if not all(hasattr(interpreter, name) for name in ("_patch_lang", "GridExecutor", "InterpretedFunction")):
         return  # another Triton: its own path
     launch, device_call = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
-    launched: list[set[int]] = []  # for each launch in progress, the modules it swapped (ids)
+    launched: list[set] = []  # for each launch in progress, the modules it swapped
 
-    def swapped_modules(fn) -> set[int]:
-        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+    def swapped_modules(fn) -> set:
+        return {v for v in fn.__globals__.values() if v is tl or v is tl.core}
 
     def run_launch(self, *args, **kwargs):
         launched.append(swapped_modules(self.fn))
@@ -124,7 +117,9 @@ def _interpreter_patches_the_language_once_per_launch() -> None:
     interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__ = run_launch, call_helper
 
 
-_interpreter_patches_the_language_once_per_launch()
+if backend.interpreting() and backend.triton_problem() is None:  # the test process runs kernels interpreted
+    _interpreter_without_overflow_sanitizer()
+    _interpreter_patches_the_language_once_per_launch()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
